@@ -1,0 +1,1 @@
+"""The GPU-host agent: collectors, publisher, command handling."""

@@ -1,0 +1,1 @@
+"""Collectors: one small interface, one module per source, failures isolated per collector."""

@@ -1,0 +1,1 @@
+"""The controller daemon (issue 3 fills it)."""
