@@ -12,7 +12,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from llm_ops_helper.proto.messages import CollectorStat, Event, GpuInfo, GpuSample, HostSample, ReplicaSample
+from llm_ops_helper.proto.messages import (
+    CollectorStat,
+    Event,
+    GpuInfo,
+    GpuSample,
+    HostSample,
+    ReplicaSample,
+)
 
 
 @dataclass(slots=True)
@@ -54,7 +61,7 @@ async def _run_one(collector: Collector, timeout_s: float) -> tuple[Collected, C
             result = await collector.collect()
     except TimeoutError:
         error = f"timed out after {timeout_s:.2f} s"
-    except Exception as exc:  # noqa: BLE001 - the isolation boundary: report, never propagate
+    except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     else:
         ms = (time.perf_counter() - start) * 1000

@@ -1,0 +1,200 @@
+"""The agent's TOML configuration, read once into frozen typed objects.
+
+Any problem raises :class:`ConfigError` with one line naming the file, the key and what was
+expected; ``__main__`` prints it and exits 78 (EX_CONFIG), which the unit file does not restart.
+Secrets (command keys, broker password) live in their own files, named here by path.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from llm_ops_helper.proto.topics import TopicError, validate_host
+
+EX_CONFIG = 78
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class ConfigError(Exception):
+    pass
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class BrokerConfig(_Section, kw_only=True, frozen=True):
+    host: str
+    port: Port = 1883
+    keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 30
+    username: str = ""
+    password_file: str = ""
+    # How long the broker keeps this agent's session (and queued commands) while it is away.
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 3600
+    reconnect_min_s: Positive = 0.5
+    reconnect_max_s: Positive = 10.0
+
+
+class TelemetryConfig(_Section, kw_only=True, frozen=True):
+    interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 1.0
+    # Snapshots kept while the broker is unreachable, sent oldest first when it returns.
+    buffer_s: Annotated[float, msgspec.Meta(ge=0)] = 900.0
+    qos: Literal[0, 1] = 1
+    # Per-collector time limit; defaults to 80 % of the interval.
+    collector_timeout_s: Positive | None = None
+
+
+class GpusConfig(_Section, kw_only=True, frozen=True):
+    backend: Literal["auto", "nvml", "simulated", "none"] = "auto"
+    simulated_count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 8
+    simulated_profile: str = "a100-sxm4-80gb"
+    scenario: str = ""
+
+
+class HostMetricsConfig(_Section, kw_only=True, frozen=True):
+    enabled: bool = True
+    disk_path: str = "/"
+
+
+class ReplicaTarget(_Section, kw_only=True, frozen=True):
+    """A replica to scrape that this agent does not (yet) supervise itself."""
+
+    name: str
+    runtime: str
+    metrics_url: str
+
+
+class CommandKey(_Section, kw_only=True, frozen=True):
+    id: str
+    file: str
+
+
+class CommandsConfig(_Section, kw_only=True, frozen=True):
+    keys: list[CommandKey] = []
+    max_lifetime_s: Positive = 600.0
+    clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+
+
+class AgentConfig(_Section, kw_only=True, frozen=True):
+    host: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    broker: BrokerConfig
+    telemetry: TelemetryConfig = TelemetryConfig()
+    gpus: GpusConfig = GpusConfig()
+    host_metrics: HostMetricsConfig = HostMetricsConfig()
+    replicas: list[ReplicaTarget] = []
+    commands: CommandsConfig = CommandsConfig()
+    # Filled in by load(): the file this came from, for messages and relative paths.
+    source: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return self.host or socket.gethostname().split(".")[0]
+
+    @property
+    def collector_timeout_s(self) -> float:
+        return self.telemetry.collector_timeout_s or 0.8 * self.telemetry.interval_s
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's directory."""
+        p = Path(path)
+        return p if p.is_absolute() or not self.source else Path(self.source).parent / p
+
+    def read_secret(self, path: str, key: str) -> bytes:
+        try:
+            secret = self.resolve(path).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"{self.source}: key '{key}': cannot read secret file "
+                              f"{path!r}: {exc.strerror}") from None
+        if not secret:
+            raise ConfigError(f"{self.source}: key '{key}': secret file {path!r} is empty")
+        return secret
+
+
+_MSG_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_FIELD_RE = re.compile(r"(unknown|missing required) field `(?P<field>[^`]+)`")
+
+
+def _describe(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """Turn msgspec's message into (key, what was expected)."""
+    match = _MSG_RE.match(str(exc))
+    assert match is not None  # the pattern matches any string
+    msg, path = match["msg"], (match["path"] or "").lstrip(".")
+    field = _FIELD_RE.search(msg)
+    if field:
+        key = f"{path}.{field['field']}" if path else field["field"]
+        if msg.startswith("Object contains unknown"):
+            return key, "unknown key (remove it or check its spelling)"
+        return key, "required key is missing"
+    if msg.startswith("Invalid enum value"):
+        allowed = ", ".join(repr(a) for a in _literal_values(path))
+        return path, f"{msg.split('value ', 1)[1]} is not one of {allowed}"
+    expected = msg.replace("Expected", "expected", 1).replace("`", "")
+    return path or "(top level)", expected
+
+
+def _literal_values(path: str) -> tuple[object, ...]:
+    """The allowed values of the Literal field at a dotted config path."""
+    node: object = AgentConfig
+    for part in re.sub(r"\[\d+\]", "", path).split("."):
+        node = typing.get_type_hints(node, include_extras=True)[part]
+        while typing.get_origin(node) in (list, typing.Annotated):
+            node = typing.get_args(node)[0]
+    return typing.get_args(node)
+
+
+def parse(text: str, source: str) -> AgentConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(raw, AgentConfig)
+    except msgspec.ValidationError as exc:
+        key, expected = _describe(exc)
+        raise ConfigError(f"{source}: key '{key}': {expected}") from None
+    config = msgspec.structs.replace(config, source=source)
+    _check(config)
+    return config
+
+
+def _check(config: AgentConfig) -> None:
+    src = config.source
+    try:
+        validate_host(config.hostname)
+    except TopicError as exc:
+        raise ConfigError(f"{src}: key 'host': {exc}") from None
+    if config.broker.reconnect_max_s < config.broker.reconnect_min_s:
+        raise ConfigError(f"{src}: key 'broker.reconnect_max_s': expected a value >= "
+                          f"broker.reconnect_min_s ({config.broker.reconnect_min_s})")
+    if config.telemetry.buffer_s < config.telemetry.interval_s:
+        raise ConfigError(f"{src}: key 'telemetry.buffer_s': expected at least one interval "
+                          f"({config.telemetry.interval_s} s)")
+    names = [r.name for r in config.replicas]
+    for i, replica in enumerate(config.replicas):
+        if names.count(replica.name) > 1:
+            raise ConfigError(f"{src}: key 'replicas[{i}].name': {replica.name!r} is used twice")
+        if not replica.metrics_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{src}: key 'replicas[{i}].metrics_url': expected an http(s) URL, "
+                              f"got {replica.metrics_url!r}")
+    if config.gpus.scenario and not config.resolve(config.gpus.scenario).is_file():
+        raise ConfigError(f"{src}: key 'gpus.scenario': no such file {config.gpus.scenario!r}")
+
+
+def load(path: str | Path) -> AgentConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
+    return parse(text, str(path))

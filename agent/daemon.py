@@ -1,0 +1,139 @@
+"""The agent daemon: sample every interval, queue, publish, answer commands. One TaskGroup.
+
+Phases, as uvicorn runs them: start-up (collectors built by ``__main__``), main loop (the
+sampler and the broker link side by side), shutdown (the stop event ends the sampler; the link
+publishes ``offline`` and disconnects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from llm_ops_helper import __version__
+from llm_ops_helper.agent.collectors.base import Collector, GpuCollector, run_collectors
+from llm_ops_helper.agent.commands import CommandHandler
+from llm_ops_helper.agent.config import AgentConfig
+from llm_ops_helper.agent.link import Link
+from llm_ops_helper.agent.outbox import Outbox, Outgoing
+from llm_ops_helper.proto.codec import encode
+from llm_ops_helper.proto.messages import AgentCounters, Command, Status, Telemetry
+from llm_ops_helper.proto.signing import CommandVerifier
+from llm_ops_helper.proto.topics import TopicKind, agent_topic
+from llm_ops_helper.systemd_notify import Notifier
+
+log = structlog.get_logger("llmops.agent")
+
+CAPABILITIES = ["telemetry", "events", "commands.sync"]
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        collectors: list[Collector],
+        *,
+        gpus: GpuCollector | None,
+        verifier: CommandVerifier,
+        runtimes: list[str],
+        notifier: Notifier | None = None,
+        broker_password: str | None = None,
+    ) -> None:
+        self.config = config
+        self.host = config.hostname
+        self.collectors = collectors
+        self.gpus = gpus
+        self.runtimes = runtimes
+        self.notifier = notifier or Notifier({})
+        self.run_id = uuid.uuid4().hex[:12]
+        self.seq = 0
+        self.ticks_overrun = 0
+        interval = config.telemetry.interval_s
+        self.outbox = Outbox(telemetry_capacity=math.ceil(config.telemetry.buffer_s / interval))
+        self.commands = CommandHandler(self.host, verifier, {"sync": self._sync})
+        self.link = Link(config.broker, self.host, self.outbox, self.status, self._on_command,
+                         password=broker_password)
+        self._topics = {kind: agent_topic(self.host, kind) for kind in TopicKind}
+
+    def status(self) -> Status:
+        return Status(
+            host=self.host, state="online", ts=time.time(), run_id=self.run_id,
+            agent_version=__version__, interval_s=self.config.telemetry.interval_s,
+            capabilities=CAPABILITIES, gpus=self.gpus.inventory() if self.gpus else [],
+            runtimes=self.runtimes)
+
+    async def _on_command(self, payload: bytes) -> None:
+        result = await self.commands.handle(payload)
+        if result is not None:
+            self.outbox.put_urgent(Outgoing(self._topics[TopicKind.RESULTS], encode(result)))
+
+    async def _sync(self, command: Command) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "seq": self.seq,
+            "replicas": [{"name": r.name, "runtime": r.runtime, "supervised": False}
+                         for r in self.config.replicas],
+            "gpus": [g.uuid for g in (self.gpus.inventory() if self.gpus else [])],
+        }
+
+    def counters(self) -> AgentCounters:
+        return AgentCounters(buffered=len(self.outbox), dropped_buffer_full=self.outbox.dropped,
+                             reconnects=max(0, self.link.connects - 1),
+                             commands_rejected=dict(self.commands.rejected))
+
+    async def _sample_once(self) -> None:
+        tick = await run_collectors(self.collectors, self.config.collector_timeout_s)
+        for stat in tick.stats:
+            if not stat.ok:
+                log.warning("collector_failed", collector=stat.name, error=stat.error,
+                            duration_ms=stat.duration_ms)
+        for event in tick.collected.events:
+            log.warning("host_event", kind=event.kind, severity=event.severity, gpu=event.gpu,
+                        message=event.message)
+            self.outbox.put_urgent(Outgoing(self._topics[TopicKind.EVENTS], encode(event)))
+        self.seq += 1
+        telemetry = Telemetry(
+            host=self.host, run_id=self.run_id, seq=self.seq, ts=time.time(),
+            interval_s=self.config.telemetry.interval_s, host_metrics=tick.collected.host,
+            gpus=tick.collected.gpus or [], replicas=tick.collected.replicas or [],
+            collectors=tick.stats, agent=self.counters())
+        self.outbox.put_telemetry(Outgoing(self._topics[TopicKind.TELEMETRY], encode(telemetry),
+                                           qos=self.config.telemetry.qos))
+
+    async def _sample_loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.telemetry.interval_s
+        next_at = loop.time()
+        while not stop.is_set():
+            await self._sample_once()
+            self.notifier.watchdog()
+            next_at += interval
+            if next_at < loop.time():  # a slow tick: skip the missed ones rather than burst
+                self.ticks_overrun += 1
+                next_at = loop.time() + interval
+            try:
+                async with asyncio.timeout_at(next_at):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("agent_started", run_id=self.run_id, version=__version__,
+                 collectors=[c.name for c in self.collectors],
+                 gpus=len(self.gpus.inventory()) if self.gpus else 0,
+                 broker=f"{self.config.broker.host}:{self.config.broker.port}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._sample_loop(stop))
+                tg.create_task(self.link.run(stop))
+                self.notifier.ready(f"publishing as {self.host}")
+        finally:
+            self.notifier.stopping()
+            for collector in self.collectors:
+                await collector.close()
+            log.info("agent_stopped", seq=self.seq, unsent=len(self.outbox))

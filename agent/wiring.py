@@ -1,0 +1,82 @@
+"""Start-up: turn a config into collectors, a command verifier and an :class:`Agent`.
+
+Everything here runs once, before the main loop; a problem is a :class:`ConfigError` (exit 78).
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from llm_ops_helper.agent.collectors.base import Collector, GpuCollector
+from llm_ops_helper.agent.collectors.host import HostCollector
+from llm_ops_helper.agent.collectors.nvml import NvmlCollector, NvmlUnavailable
+from llm_ops_helper.agent.collectors.runtime import RuntimeCollector, ScrapeTarget, mappings
+from llm_ops_helper.agent.collectors.scenario import ScenarioError, load_scenario
+from llm_ops_helper.agent.collectors.simulated import PROFILES, SimulatedGpuCollector
+from llm_ops_helper.agent.config import AgentConfig, ConfigError
+from llm_ops_helper.agent.daemon import Agent
+from llm_ops_helper.proto.signing import CommandVerifier
+from llm_ops_helper.systemd_notify import Notifier
+
+log = structlog.get_logger("llmops.agent")
+
+
+def build_gpus(config: AgentConfig) -> GpuCollector | None:
+    gpus = config.gpus
+    if gpus.backend == "none":
+        return None
+    if gpus.backend in ("auto", "nvml"):
+        try:
+            return NvmlCollector.open(config.hostname)
+        except NvmlUnavailable as exc:
+            if gpus.backend == "nvml":
+                raise ConfigError(f"{config.source}: key 'gpus.backend': 'nvml' was asked for "
+                                  f"but {exc}; use 'auto' or 'simulated' on hosts without "
+                                  "NVIDIA GPUs") from None
+            log.info("nvml_unavailable", reason=str(exc), fallback="simulated")
+    if gpus.simulated_profile not in PROFILES:
+        raise ConfigError(f"{config.source}: key 'gpus.simulated_profile': "
+                          f"{gpus.simulated_profile!r} is not one of {', '.join(sorted(PROFILES))}")
+    try:
+        scenario = load_scenario(config.resolve(gpus.scenario)) if gpus.scenario else None
+        return SimulatedGpuCollector(config.hostname, count=gpus.simulated_count,
+                                     profile=gpus.simulated_profile, scenario=scenario)
+    except ScenarioError as exc:
+        raise ConfigError(f"{config.source}: key 'gpus.scenario': {exc}") from None
+
+
+def build_verifier(config: AgentConfig) -> CommandVerifier:
+    keys = {key.id: config.read_secret(key.file, f"commands.keys[{i}].file")
+            for i, key in enumerate(config.commands.keys)}
+    if not keys:
+        log.warning("commands_disabled", reason="no commands.keys configured; every command "
+                    "will be refused with unknown_key")
+    return CommandVerifier(keys, max_lifetime_s=config.commands.max_lifetime_s,
+                           clock_skew_s=config.commands.clock_skew_s)
+
+
+def build_agent(config: AgentConfig) -> Agent:
+    runtimes = sorted(mappings())
+    for i, replica in enumerate(config.replicas):
+        if replica.runtime not in runtimes:
+            raise ConfigError(f"{config.source}: key 'replicas[{i}].runtime': "
+                              f"{replica.runtime!r} is not one of {', '.join(runtimes)}")
+    verifier = build_verifier(config)
+    password = (config.read_secret(config.broker.password_file, "broker.password_file").decode()
+                if config.broker.password_file else None)
+    gpus = build_gpus(config)
+    collectors: list[Collector] = []
+    if gpus is not None:
+        collectors.append(gpus)
+    if config.host_metrics.enabled:
+        try:
+            collectors.append(HostCollector(config.host_metrics.disk_path))
+        except FileNotFoundError:
+            raise ConfigError(f"{config.source}: key 'host_metrics.disk_path': no such path "
+                              f"{config.host_metrics.disk_path!r}") from None
+    if config.replicas:
+        targets = [ScrapeTarget(r.name, r.runtime, r.metrics_url) for r in config.replicas]
+        collectors.append(RuntimeCollector(lambda: targets,
+                                           timeout_s=config.collector_timeout_s * 0.9))
+    return Agent(config, collectors, gpus=gpus, verifier=verifier, runtimes=runtimes,
+                 notifier=Notifier(), broker_password=password)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian/Ubuntu machine: Python 3.11+ venv with the project, and Mosquitto.
+# Idempotent; `make demo` and `make test` call it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"
+  else echo "bootstrap: needs root for: $*" >&2; echo "run it yourself, then retry" >&2; exit 1
+  fi
+}
+apt_updated=""
+apt_install() {
+  [ -n "$apt_updated" ] || { as_root apt-get update -qq; apt_updated=1; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "bootstrap: Python 3.11 or newer is required (found: $("$PYTHON" --version 2>&1))" >&2
+  exit 1
+fi
+
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "bootstrap: installing mosquitto (apt-get install -y mosquitto)"
+  apt_install mosquitto
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+    rm -rf .venv
+    echo "bootstrap: installing python3-venv"
+    apt_install python3-venv
+    "$PYTHON" -m venv .venv
+  fi
+fi
+stamp=.venv/.installed
+# A strict editable install is a tree of links that mypy can follow; it must be redone when a
+# module is added, which changes its folder's mtime.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
+   || [ -n "$(find proto agent controller sdk systemd -type d -newer "$stamp" 2>/dev/null)" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[${EXTRAS:-dev}]" --config-settings editable_mode=strict
+  touch "$stamp"
+fi

@@ -1,0 +1,176 @@
+"""The agent as a real process against a real Mosquitto: the promises of the foundation issue."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from llm_ops_helper.proto.messages import Event, Status, Telemetry
+from tests.integration.harness import AgentProcess, Recorder, agent_config
+
+
+@pytest.fixture
+async def agent_factory(tmp_path: Path):
+    started: list[AgentProcess] = []
+
+    def make(config_text: str, name: str = "agent") -> AgentProcess:
+        agent = AgentProcess(tmp_path / name, config_text)
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        await agent.close()
+
+
+async def test_telemetry_with_8_simulated_gpus_arrives_within_3s(mosquitto, agent_factory) -> None:
+    async with Recorder(mosquitto) as rec:
+        agent = agent_factory(agent_config(mosquitto))
+        started = time.monotonic()
+        agent.start()
+        first = await rec.wait_for(lambda: rec.of("telemetry", Telemetry), 3.0, "first telemetry")
+        assert time.monotonic() - started < 3.0
+        snapshot = first[0]
+        assert snapshot.host == "gpu-test" and snapshot.seq == 1
+        assert [g.index for g in snapshot.gpus] == list(range(8))
+        assert all(g.healthy and g.memory_total_bytes for g in snapshot.gpus)
+        assert snapshot.host_metrics is not None and snapshot.host_metrics.memory_total_bytes > 0
+        assert {s.name: s.ok for s in snapshot.collectors} == {"simulated": True, "host": True}
+
+
+async def test_status_is_retained_online_with_inventory(mosquitto, agent_factory) -> None:
+    agent = agent_factory(agent_config(mosquitto))
+    agent.start()
+    async with Recorder(mosquitto) as rec:
+        await rec.wait_for(lambda: rec.of("telemetry", Telemetry), 5.0, "telemetry")
+    # A subscriber that arrives later gets the status from the broker's retained store.
+    async with Recorder(mosquitto, topic="llmops/v1/agents/gpu-test/status") as late:
+        statuses = await late.wait_for(lambda: late.of("status", Status), 3.0, "retained status")
+        assert late.messages[0].retain
+        assert statuses[-1].state == "online"
+        assert len(statuses[-1].gpus) == 8
+
+
+async def test_sigterm_publishes_offline_and_exits_0_within_5s(mosquitto, agent_factory) -> None:
+    agent = agent_factory(agent_config(mosquitto))
+    agent.start()
+    async with Recorder(mosquitto) as rec:
+        await rec.wait_for(lambda: rec.of("telemetry", Telemetry), 5.0, "telemetry")
+    stopped = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert await agent.wait(5.0) == 0
+    assert time.monotonic() - stopped < 5.0
+    async with Recorder(mosquitto, topic="llmops/v1/agents/gpu-test/status") as late:
+        statuses = await late.wait_for(lambda: late.of("status", Status), 3.0, "retained status")
+        assert (statuses[-1].state, statuses[-1].reason) == ("offline", "shutdown")
+    assert '"event": "agent_stopped"' in agent.log()
+
+
+async def test_sigkill_last_will_sets_offline_within_1_5_keepalive(mosquitto, agent_factory) -> None:
+    keepalive = 4
+    agent = agent_factory(agent_config(mosquitto, broker={"keepalive_s": keepalive}))
+    agent.start()
+    async with Recorder(mosquitto, topic="llmops/v1/agents/gpu-test/status") as rec:
+        await rec.wait_for(lambda: [s for s in rec.of("status", Status) if s.state == "online"],
+                           5.0, "online status")
+        killed = time.monotonic()
+        agent.signal(signal.SIGKILL)
+        await rec.wait_for(lambda: [s for s in rec.of("status", Status) if s.state == "offline"],
+                           1.5 * keepalive, "Last Will")
+        assert time.monotonic() - killed < 1.5 * keepalive
+        assert rec.of("status", Status)[-1].reason == "lost"
+
+
+async def test_broker_down_at_start_agent_retries_and_delivers_from_seq_1(
+        mosquitto, agent_factory) -> None:
+    # The controller's persistent session exists (the broker kept it) before the agent starts.
+    async with Recorder(mosquitto, identifier="test-controller", persistent=True) as rec:
+        await mosquitto.stop()
+        agent = agent_factory(agent_config(mosquitto))
+        agent.start()
+        await asyncio.sleep(2.0)  # the agent runs, samples and buffers with no broker
+        assert agent.process is not None and agent.process.poll() is None
+        await mosquitto.start()
+        await rec.wait_for(lambda: len(rec.of("telemetry", Telemetry)) >= 6, 10.0, "telemetry")
+        seqs = [t.seq for t in rec.of("telemetry", Telemetry)]
+        assert seqs == list(range(1, len(seqs) + 1))
+    assert '"event": "broker_unreachable"' in agent.log()
+
+
+@pytest.mark.slow
+async def test_broker_stopped_30s_every_seq_arrives_exactly_once(mosquitto, agent_factory) -> None:
+    agent = agent_factory(agent_config(mosquitto))
+    async with Recorder(mosquitto, identifier="test-controller", persistent=True) as rec:
+        agent.start()
+        await rec.wait_for(lambda: len(rec.of("telemetry", Telemetry)) >= 3, 5.0, "telemetry")
+        await mosquitto.stop()
+        await asyncio.sleep(30)
+        await mosquitto.start()
+        outage_seq = 30 / 0.5  # snapshots sampled during the outage
+
+        def caught_up() -> bool:
+            seqs = [t.seq for t in rec.of("telemetry", Telemetry)]
+            return len(seqs) > outage_seq + 6
+        await rec.wait_for(caught_up, 20.0, "the buffered snapshots")
+    seqs = [t.seq for t in rec.of("telemetry", Telemetry)]
+    assert seqs == list(range(1, len(seqs) + 1)), "a seq was lost, duplicated or reordered"
+    assert '"event": "broker_connected"' in agent.log()
+
+
+async def test_scenario_xid_appears_as_critical_event(mosquitto, agent_factory, tmp_path) -> None:
+    scenario = tmp_path / "xid.toml"
+    scenario.write_text('[[events]]\nat_s = 1.0\ngpu = 2\nkind = "xid"\nxid = 79\n')
+    agent = agent_factory(agent_config(mosquitto, gpus={"scenario": str(scenario)}))
+    async with Recorder(mosquitto) as rec:
+        agent.start()
+        events = await rec.wait_for(
+            lambda: [e for e in rec.of("events", Event) if e.kind == "xid"], 6.0, "XID event")
+    assert (events[0].gpu, events[0].data["xid"], events[0].severity) == (2, 79, "critical")
+    assert len(events) == 1
+
+
+async def test_hostile_commands_are_answered_counted_and_survived(
+        mosquitto, agent_factory, tmp_path) -> None:
+    from llm_ops_helper.proto.codec import encode
+    from llm_ops_helper.proto.messages import CommandResult
+    from llm_ops_helper.proto.signing import sign_command
+    from tests.integration.harness import publish
+
+    (tmp_path / "agent.key").write_bytes(b"integration-secret\n")
+    agent = agent_factory(agent_config(mosquitto, commands={}) +
+                          f'[[commands.keys]]\nid = "k1"\nfile = "{tmp_path / "agent.key"}"\n')
+    topic = "llmops/v1/agents/gpu-test/commands"
+    async with Recorder(mosquitto) as rec:
+        agent.start()
+        await rec.wait_for(lambda: rec.of("telemetry", Telemetry), 5.0, "telemetry")
+        forged = sign_command("sync", {}, key_id="k1", secret=b"wrong", command_id="forged")
+        good = sign_command("sync", {}, key_id="k1", secret=b"integration-secret",
+                            command_id="good")
+        for payload in (b"\x00garbage", b"[" * 100_000, b"{" + b" " * (2 << 20) + b"}",
+                        b'{"id": "schema", "kind": 7}', encode(forged), encode(good), encode(good)):
+            await publish(mosquitto, topic, payload)
+
+        def answered() -> dict[str, list[CommandResult]]:
+            results: dict[str, list[CommandResult]] = {}
+            for r in rec.of("results", CommandResult):
+                results.setdefault(r.command_id, []).append(r)
+            complete = {"schema", "forged"} <= results.keys() and len(results.get("good", [])) == 2
+            return results if complete else {}
+        results = await rec.wait_for(answered, 5.0, "command results")
+        assert results["schema"][0].error.startswith("decode_schema")
+        assert results["forged"][0].error.startswith("bad_signature")
+        assert [r.status for r in results["good"]] == ["ok", "ok"]  # the duplicate is answered
+        assert results["good"][0].detail["run_id"] == results["good"][1].detail["run_id"]
+
+        seq_now = rec.of("telemetry", Telemetry)[-1].seq
+        latest = await rec.wait_for(
+            lambda: [t for t in rec.of("telemetry", Telemetry) if t.seq > seq_now + 1], 5.0,
+            "telemetry after the hostile commands")
+        assert latest[-1].agent.commands_rejected == {
+            "decode_not_json": 1, "decode_too_large": 1, "decode_schema": 2, "bad_signature": 1}
+    assert agent.process is not None and agent.process.poll() is None
+    assert '"event": "command_rejected"' in agent.log()
