@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -22,6 +23,9 @@ async def serve(config: agent_config.AgentConfig) -> int:
     from llm_ops_helper.agent.wiring import build_agent
 
     agent = build_agent(config)
+    # Everything allocated so far lives as long as the process: keep the cyclic collector from
+    # walking it again on every full collection (a steady per-tick saving at 1 Hz).
+    gc.freeze()
     log = structlog.get_logger("llmops.agent")
     stop = asyncio.Event()
 
