@@ -123,6 +123,11 @@ class Agent:
                 pass
 
     async def run(self, stop: asyncio.Event) -> None:
+        ping_every = self.notifier.watchdog_interval_s
+        if ping_every is not None and ping_every < self.config.telemetry.interval_s:
+            log.warning("watchdog_too_short", watchdog_ping_s=ping_every,
+                        interval_s=self.config.telemetry.interval_s,
+                        hint="the watchdog is pinged once per tick; raise WatchdogSec")
         log.info("agent_started", run_id=self.run_id, version=__version__,
                  collectors=[c.name for c in self.collectors],
                  gpus=len(self.gpus.inventory()) if self.gpus else 0,

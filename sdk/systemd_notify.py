@@ -33,7 +33,8 @@ class Notifier:
         return self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
     def watchdog(self) -> bool:
-        return self.notify("WATCHDOG=1")
+        """Ping the watchdog, only when systemd asked for one (WATCHDOG_USEC is set)."""
+        return self.watchdog_interval_s is not None and self.notify("WATCHDOG=1")
 
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")
