@@ -3,8 +3,8 @@
 Imports nothing else of this project, so both sides (and third-party tools) can depend on it.
 """
 
-from llm_ops_helper.proto.codec import DecodeError, decode, encode
-from llm_ops_helper.proto.messages import (
+from .codec import DecodeError, decode, encode
+from .messages import (
     SCHEMA_VERSION,
     Alert,
     Command,
@@ -19,8 +19,8 @@ from llm_ops_helper.proto.messages import (
     Status,
     Telemetry,
 )
-from llm_ops_helper.proto.signing import CommandRejected, CommandVerifier, sign_command
-from llm_ops_helper.proto.topics import AgentTopic, TopicError, TopicKind
+from .signing import CommandRejected, CommandVerifier, sign_command
+from .topics import AgentTopic, TopicError, TopicKind
 
 __all__ = [
     "SCHEMA_VERSION",

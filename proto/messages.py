@@ -19,7 +19,7 @@ class _Msg(msgspec.Struct, kw_only=True, frozen=True):
     pass
 
 
-class GpuInfo(_Msg, kw_only=True):
+class GpuInfo(_Msg, kw_only=True, frozen=True):
     """One GPU in an agent's inventory (the retained status)."""
 
     index: int
@@ -28,7 +28,7 @@ class GpuInfo(_Msg, kw_only=True):
     memory_total_bytes: int | None = None
 
 
-class GpuSample(_Msg, kw_only=True):
+class GpuSample(_Msg, kw_only=True, frozen=True):
     """One GPU at one instant. Counters (``*_total``, ``pcie_replay_count``) rise monotonically."""
 
     index: int
@@ -62,7 +62,7 @@ class GpuSample(_Msg, kw_only=True):
     pcie_replay_count: int | None = None
 
 
-class HostSample(_Msg, kw_only=True):
+class HostSample(_Msg, kw_only=True, frozen=True):
     cpu_pct: float
     cpu_count: int
     load_1m: float
@@ -84,15 +84,20 @@ class HostSample(_Msg, kw_only=True):
     boot_time: float = 0.0
 
 
-class Histogram(_Msg, kw_only=True):
-    """A Prometheus histogram: cumulative bucket counts by upper bound (``inf`` last)."""
+class Histogram(_Msg, kw_only=True, frozen=True):
+    """A Prometheus histogram: cumulative bucket counts by upper bound, ascending.
+
+    On the wire the ``+Inf`` bucket is implicit (its count is ``count``): JSON has no infinity, so
+    :func:`~llm_ops_helper.proto.codec.encode` leaves out buckets that are not finite, and a
+    decoded histogram has finite upper bounds only.
+    """
 
     sum: float
     count: float
     buckets: list[tuple[float, float]] = []
 
 
-class ReplicaSample(_Msg, kw_only=True):
+class ReplicaSample(_Msg, kw_only=True, frozen=True):
     """One inference-server replica's scraped metrics, under canonical names."""
 
     name: str
@@ -101,12 +106,13 @@ class ReplicaSample(_Msg, kw_only=True):
     error: str | None = None
     scrape_ms: float | None = None
     # Canonical gauges and counters, e.g. requests_running, kv_cache_usage, prompt_tokens_total.
+    # A NaN or infinite value (legal in Prometheus text) is not sent: absent means not reported.
     metrics: dict[str, float] = {}
     # Canonical histograms, e.g. ttft_seconds, itl_seconds, e2e_seconds.
     histograms: dict[str, Histogram] = {}
 
 
-class CollectorStat(_Msg, kw_only=True):
+class CollectorStat(_Msg, kw_only=True, frozen=True):
     """How one collector fared on one tick (Telegraf's per-input gather metrics)."""
 
     name: str
@@ -115,7 +121,7 @@ class CollectorStat(_Msg, kw_only=True):
     error: str | None = None
 
 
-class AgentCounters(_Msg, kw_only=True):
+class AgentCounters(_Msg, kw_only=True, frozen=True):
     """The agent's own counters since it started, for the controller and dashboards."""
 
     buffered: int = 0
@@ -124,7 +130,7 @@ class AgentCounters(_Msg, kw_only=True):
     commands_rejected: dict[str, int] = {}
 
 
-class Telemetry(_Msg, kw_only=True):
+class Telemetry(_Msg, kw_only=True, frozen=True):
     v: int = SCHEMA_VERSION
     host: str
     run_id: str
@@ -138,7 +144,7 @@ class Telemetry(_Msg, kw_only=True):
     agent: AgentCounters = AgentCounters()
 
 
-class Status(_Msg, kw_only=True):
+class Status(_Msg, kw_only=True, frozen=True):
     """Retained per agent; the Last Will is the same struct with ``state="offline"``."""
 
     v: int = SCHEMA_VERSION
@@ -158,7 +164,7 @@ class Status(_Msg, kw_only=True):
 Severity = Literal["info", "warning", "critical"]
 
 
-class Event(_Msg, kw_only=True):
+class Event(_Msg, kw_only=True, frozen=True):
     """Something discrete that happened on a host: an XID, an ECC error, a replica exiting."""
 
     v: int = SCHEMA_VERSION
@@ -181,7 +187,7 @@ class CommandKind(enum.StrEnum):
     SYNC = "sync"
 
 
-class Command(_Msg, kw_only=True):
+class Command(_Msg, kw_only=True, frozen=True):
     """A signed envelope. ``sig`` is HMAC-SHA256 over the canonical bytes of the rest."""
 
     v: int = SCHEMA_VERSION
@@ -194,7 +200,7 @@ class Command(_Msg, kw_only=True):
     sig: str = ""
 
 
-class CommandResult(_Msg, kw_only=True):
+class CommandResult(_Msg, kw_only=True, frozen=True):
     v: int = SCHEMA_VERSION
     command_id: str
     host: str
@@ -204,7 +210,7 @@ class CommandResult(_Msg, kw_only=True):
     detail: dict[str, Any] = {}
 
 
-class Alert(_Msg, kw_only=True):
+class Alert(_Msg, kw_only=True, frozen=True):
     v: int = SCHEMA_VERSION
     id: str
     state: Literal["firing", "resolved"]

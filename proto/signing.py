@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import msgspec
 
-from llm_ops_helper.proto.messages import Command
+from .messages import Command
 
 _canonical = msgspec.json.Encoder(order="sorted")
 
@@ -89,19 +89,24 @@ class CommandVerifier:
         secret = self.keys.get(command.key_id)
         if secret is None:
             raise CommandRejected("unknown_key", f"key id {command.key_id!r} is not configured")
-        expected = signature(command, secret)
-        if not hmac.compare_digest(expected, command.sig):
+        expected = signature(command, secret).encode("ascii")
+        # Compare bytes: compare_digest raises TypeError on a str with non-ASCII characters,
+        # which a hostile publisher could otherwise put in ``sig``.
+        if not hmac.compare_digest(expected, command.sig.encode("utf-8", "surrogatepass")):
             raise CommandRejected("bad_signature", f"signature of command {command.id!r} "
                                   f"does not match key {command.key_id!r}")
         now = self.clock()
         lifetime = command.expires_at - command.issued_at
-        if lifetime > self.max_lifetime_s:
+        # The checks are written as "not (within bounds)" so that NaN fails them, and the
+        # lifetime bound as issued_at + cap (the sum sign_command computes) so that a ttl of
+        # exactly the cap passes despite float rounding.
+        if not command.expires_at <= command.issued_at + self.max_lifetime_s:
             raise CommandRejected("lifetime_too_long", f"lifetime {lifetime:.0f} s exceeds "
                                   f"{self.max_lifetime_s:.0f} s")
-        if now > command.expires_at + self.clock_skew_s:
+        if not now <= command.expires_at + self.clock_skew_s:
             raise CommandRejected("expired", f"command {command.id!r} expired "
                                   f"{now - command.expires_at:.1f} s ago")
-        if command.issued_at > now + self.clock_skew_s:
+        if not command.issued_at <= now + self.clock_skew_s:
             raise CommandRejected("not_yet_valid", f"command {command.id!r} is issued "
                                   f"{command.issued_at - now:.1f} s in the future")
         self._remember(command, now)

@@ -53,12 +53,16 @@ class AgentTopic:
     def parse(cls, topic: str) -> AgentTopic:
         parts = topic.split("/")
         if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != PREFIX or parts[2] != "agents":
-            raise TopicError(f"topic {topic!r} is not of the form {PREFIX}/agents/{{host}}/{{kind}}")
+            raise TopicError(
+                f"topic {topic!r} is not of the form {PREFIX}/agents/{{host}}/{{kind}}"
+            )
         try:
             kind = TopicKind(parts[4])
         except ValueError:
             known = ", ".join(k.value for k in TopicKind)
-            raise TopicError(f"topic {topic!r} has unknown kind {parts[4]!r} (known: {known})") from None
+            raise TopicError(
+                f"topic {topic!r} has unknown kind {parts[4]!r} (known: {known})"
+            ) from None
         return cls(parts[3], kind)
 
 

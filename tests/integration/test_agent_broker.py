@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
@@ -67,7 +68,9 @@ async def test_sigterm_publishes_offline_and_exits_0_within_5s(mosquitto, agent_
     async with Recorder(mosquitto, topic="llmops/v1/agents/gpu-test/status") as late:
         statuses = await late.wait_for(lambda: late.of("status", Status), 3.0, "retained status")
         assert (statuses[-1].state, statuses[-1].reason) == ("offline", "shutdown")
-    assert '"event": "agent_stopped"' in agent.log()
+    lines = [json.loads(line) for line in agent.log().splitlines()]  # every line is JSON
+    assert all({"event", "host", "level", "timestamp"} <= line.keys() for line in lines)
+    assert lines[-1]["event"] == "agent_stopped"
 
 
 async def test_sigkill_last_will_sets_offline_within_1_5_keepalive(mosquitto, agent_factory) -> None:
