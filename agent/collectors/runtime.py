@@ -25,6 +25,7 @@ import asyncio
 import errno
 import functools
 import math
+import re
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -195,8 +196,14 @@ class MetricsParser:
         self._families = self._scalar_sources | self._hist_sources
         self._sample_names = self._scalar_sources | {
             h + suffix for h in self._hist_sources for suffix in _HIST_SUFFIXES}
-        self._heads = (*self._sample_names, *(f"# {kind} {family}" for family in self._families
-                                                for kind in ("HELP", "TYPE")))
+        # One C-level scan picks out the lines that matter (samples of mapped names and the
+        # HELP/TYPE lines of mapped families); on a vLLM page that is ~250 of ~900 lines, and
+        # the regex is ~2x faster than testing every line in Python.
+        alternatives = "|".join(map(re.escape, sorted(self._sample_names, key=len, reverse=True)))
+        families = "|".join(map(re.escape, sorted(self._families, key=len, reverse=True)))
+        # Anchored on "\n" rather than on ^ with re.M, which is 3x slower to scan.
+        self._wanted = re.compile(
+            rf"\n((?:{alternatives})[{{ \t][^\n]*|# (?:HELP|TYPE) (?:{families})[ \t][^\n]*)")
         self._layout: dict[str, _Slot] = {}
         self._comments: set[str] = set()
 
@@ -216,10 +223,8 @@ class MetricsParser:
 
     def _read_known(self, text: str) -> _Values | None:
         """Values of a page whose mapped lines all match the learnt layout; else None."""
-        layout, heads, values = self._layout, self._heads, _Values()
-        for line in text.splitlines():
-            if not line.startswith(heads):  # one C-level test drops most unmapped lines
-                continue
+        layout, values = self._layout, _Values()
+        for line in self._wanted.findall("\n" + text):
             key, _, value = line.rpartition(" ")
             slot = layout.get(key)
             if slot is not None:
