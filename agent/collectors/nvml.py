@@ -294,6 +294,13 @@ class _Device:
         )
 
 
+class NvmlHung(RuntimeError):
+    """The previous tick's NVML read is still blocked in the driver."""
+
+
+_Blocking = tuple[list[GpuSample], list[tuple[int | None, int, int]]]
+
+
 class NvmlCollector:
     """Samples every GPU NVML sees. Build it with :meth:`open`."""
 
@@ -308,6 +315,9 @@ class NvmlCollector:
         self._clock = clock
         self._tracker = GpuEventTracker(host)
         self._closed = False
+        # The NVML read of the tick before, while it has not been consumed (see collect()).
+        self._reading: asyncio.Future[_Blocking] | None = None
+        self._reading_since = 0.0
         for device in devices:
             self._register_events(device)
 
@@ -341,7 +351,22 @@ class NvmlCollector:
                         memory_total_bytes=d.memory_total_bytes) for d in self._devices]
 
     async def collect(self) -> Collected:
-        samples, raw = await asyncio.to_thread(self._collect_blocking)
+        # A GPU falling off the bus can hang NVML calls for seconds or for good. The tick's
+        # timeout abandons the wait, not the thread: never start a second read beside a hung
+        # one (threads would pile up), and keep what a late read drained from the event set.
+        late: list[tuple[int | None, int, int]] = []
+        if self._reading is not None:
+            if not self._reading.done():
+                stuck = time.monotonic() - self._reading_since
+                raise NvmlHung(f"the previous NVML read has not returned for {stuck:.1f} s "
+                               "(a GPU or the driver is hung)")
+            if self._reading.exception() is None:
+                late = self._reading.result()[1]
+        self._reading = asyncio.ensure_future(asyncio.to_thread(self._collect_blocking))
+        self._reading_since = time.monotonic()
+        samples, raw = await asyncio.shield(self._reading)
+        self._reading = None
+        raw = late + raw
         ts = self._clock()
         events = [self._nvml_event(ts, gpu, kind, data) for gpu, kind, data in raw]
         events.extend(self._tracker.observe(samples, ts))
@@ -353,7 +378,7 @@ class NvmlCollector:
         self._closed = True
         await asyncio.to_thread(self._close_blocking)
 
-    def _collect_blocking(self) -> tuple[list[GpuSample], list[tuple[int | None, int, int]]]:
+    def _collect_blocking(self) -> _Blocking:
         samples = [device.sample() for device in self._devices]
         for device in self._devices:
             self._register_events(device)

@@ -8,6 +8,7 @@ host: the A100, A10G, T4 and RTX 4000 SFF Ada dumps as GPUs 0..3). ``N/A`` in a 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -527,3 +528,34 @@ async def test_the_simulator_reports_what_the_real_board_reports(
                                               clock=lambda: 0.0).collect()).gpus or [])[0]
     # The A100 dump is in MIG mode; the profile simulates the board with MIG off.
     assert reported_fields(simulated) == reported_fields(real) | mig_only
+
+
+async def test_a_hung_nvml_read_is_not_stacked_and_its_events_are_kept(
+        fake: FakeNvml, collector: NvmlCollector, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from llm_ops_helper.agent.collectors.base import run_collectors
+
+    release = threading.Event()
+    calls = []
+    answer = fake.nvmlDeviceGetPcieReplayCounter
+
+    def hangs(h: FakeHandle) -> int:
+        calls.append(h.index)
+        if h.index == 1:
+            release.wait(10)  # the driver stuck on GPU 1
+        return answer(h)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPcieReplayCounter", hangs)
+    fake.xid(3, 79)  # drained by the read that hangs, after it returns
+    first = await run_collectors([collector], timeout_s=0.2)
+    assert "timed out" in (first.stats[0].error or "")
+    second = await run_collectors([collector], timeout_s=0.2)
+    assert "previous NVML read has not returned" in (second.stats[0].error or "")
+    assert calls.count(1) == 1, "a second read was started beside the hung one"
+    release.set()
+    assert collector._reading is not None
+    await asyncio.wait_for(asyncio.shield(collector._reading), 5)  # the stuck read returns
+    third = await run_collectors([collector], timeout_s=2.0)
+    assert third.stats[0].ok
+    assert [(e.gpu, e.data) for e in by_kind(third.collected.events, "xid")] == [(3, {"xid": 79})]
