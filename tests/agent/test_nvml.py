@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import xml.etree.ElementTree as ET
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pynvml
@@ -28,8 +26,8 @@ from llm_ops_helper.agent.collectors.nvml import (
 )
 from llm_ops_helper.agent.collectors.simulated import SimulatedGpuCollector
 from llm_ops_helper.proto.messages import Event, GpuSample
+from tests.agent.nvidia_smi import dump, integer, number, text
 
-DUMPS = Path(__file__).parents[2].parent / "shared" / "data" / "nvidia-smi"
 BOARDS = ("a100-sxm4-v12.xml", "a10g.xml", "tesla-t4.xml", "rtx-4000-sff-ada-v13.xml")
 MIB = 1024 * 1024
 # nvidia-smi's reason names -> NVML's bits, straight from pynvml.
@@ -44,36 +42,6 @@ REASON_BITS = {
     "sw_thermal_slowdown": pynvml.nvmlClocksEventReasonSwThermalSlowdown,
     "display_clocks_setting": pynvml.nvmlClocksEventReasonDisplayClockSetting,
 }
-
-
-def dump(name: str) -> ET.Element:
-    path = DUMPS / name
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: these tests read real nvidia-smi dumps from the "
-                    "shared/ folder, which must sit beside the repository")
-    gpu = ET.parse(path).getroot().find("gpu")
-    assert gpu is not None, f"{path} holds no <gpu>"
-    return gpu
-
-
-def text(gpu: ET.Element, *paths: str) -> str | None:
-    """The first of ``paths`` present; None where it reads N/A (or is deprecated)."""
-    for path in paths:
-        element = gpu.find(path)
-        if element is not None:
-            value = (element.text or "").strip()
-            return None if value == "N/A" or value.startswith("Requested functionality") else value
-    return None
-
-
-def number(gpu: ET.Element, *paths: str) -> float | None:
-    value = text(gpu, *paths)
-    return None if value is None else float(value.split()[0])
-
-
-def integer(gpu: ET.Element, *paths: str) -> int | None:
-    value = number(gpu, *paths)
-    return None if value is None else int(value)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ from llm_ops_helper.agent.collectors.gpu_profiles import MIB, PROFILES, GpuProfi
 from llm_ops_helper.agent.collectors.scenario import ScenarioError, parse_scenario
 from llm_ops_helper.agent.collectors.simulated import SimulatedGpuCollector
 from llm_ops_helper.proto.messages import Event, GpuSample
+from tests.agent.nvidia_smi import dump, number, text
 
-DUMPS = Path(__file__).parents[2].parent / "shared" / "data" / "nvidia-smi"
 EXAMPLE = Path(__file__).parents[2] / "systemd" / "scenario.example.toml"
 
 
@@ -23,31 +22,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
-
-
-def dump(name: str) -> ET.Element:
-    path = DUMPS / name
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: these tests read real nvidia-smi dumps from the "
-                    "shared/ folder, which must sit beside the repository")
-    gpu = ET.parse(path).getroot().find("gpu")
-    assert gpu is not None, f"{path} holds no <gpu>"
-    return gpu
-
-
-def reading(gpu: ET.Element, *paths: str) -> str | None:
-    """The first of ``paths`` present, None where it reads N/A."""
-    for path in paths:
-        element = gpu.find(path)
-        if element is not None:
-            value = (element.text or "").strip()
-            return None if value == "N/A" else value
-    return None
-
-
-def quantity(gpu: ET.Element, *paths: str) -> float | None:
-    value = reading(gpu, *paths)
-    return None if value is None else float(value.split()[0])
 
 
 def sim(scenario: str = "", *, count: int = 4, profile: str = "a100-sxm4-80gb", seed: int = 0,
@@ -86,28 +60,28 @@ def gpus(collected: Collected) -> list[GpuSample]:
 def test_profiles_hold_the_dumps_values(profile: GpuProfile) -> None:
     assert profile.dump is not None
     g = dump(profile.dump)
-    assert profile.name == reading(g, "product_name")
-    assert profile.memory_total_mib == quantity(g, "fb_memory_usage/total")
-    assert profile.idle_memory_used_mib == quantity(g, "fb_memory_usage/used")
+    assert profile.name == text(g, "product_name")
+    assert profile.memory_total_mib == number(g, "fb_memory_usage/total")
+    assert profile.idle_memory_used_mib == number(g, "fb_memory_usage/used")
 
     def power(name: str) -> float | None:  # v11 dumps say power_readings, later ones gpu_*
-        return quantity(g, f"power_readings/{name}", f"gpu_power_readings/{name}")
+        return number(g, f"power_readings/{name}", f"gpu_power_readings/{name}")
 
     assert profile.power_limit_default_w == power("default_power_limit")
     assert profile.power_limit_min_w == power("min_power_limit")
     assert profile.power_limit_max_w == power("max_power_limit")
     assert profile.idle_power_w == (power("power_draw") or power("average_power_draw"))
-    assert profile.sm_clock_max_mhz == quantity(g, "max_clocks/sm_clock")
-    assert profile.idle_sm_clock_mhz == quantity(g, "clocks/sm_clock")
-    assert profile.idle_temperature_c == quantity(g, "temperature/gpu_temp")
+    assert profile.sm_clock_max_mhz == number(g, "max_clocks/sm_clock")
+    assert profile.idle_sm_clock_mhz == number(g, "clocks/sm_clock")
+    assert profile.idle_temperature_c == number(g, "temperature/gpu_temp")
     temperature = "temperature/gpu_temp"
-    assert profile.max_operating_temperature_c == quantity(g, f"{temperature}_max_gpu_threshold")
-    assert profile.slowdown_temperature_c == quantity(g, f"{temperature}_slow_threshold")
-    assert profile.ecc_enabled == (reading(g, "ecc_mode/current_ecc") == "Enabled")
-    retired = reading(g, "retired_pages/double_bit_retirement/retired_count")
+    assert profile.max_operating_temperature_c == number(g, f"{temperature}_max_gpu_threshold")
+    assert profile.slowdown_temperature_c == number(g, f"{temperature}_slow_threshold")
+    assert profile.ecc_enabled == (text(g, "ecc_mode/current_ecc") == "Enabled")
+    retired = text(g, "retired_pages/double_bit_retirement/retired_count")
     assert profile.page_retirement == (retired is not None)
     remaps = g.find("remapped_rows/remapped_row_corr") is not None
-    if reading(g, "mig_mode/current_mig") == "Enabled":
+    if text(g, "mig_mode/current_mig") == "Enabled":
         # The one deliberate difference: MIG hides the row remapper in the A100 dump.
         assert not remaps
         assert profile.row_remapping
