@@ -53,10 +53,12 @@ class HostCollector:
         load_1m, load_5m, load_15m = psutil.getloadavg()
         memory = psutil.virtual_memory()
         disk = psutil.disk_usage(self.disk_path)
-        # None on machines (and some containers) without /proc/diskstats.
-        disk_io = psutil.disk_io_counters()
+        # None on machines (and some containers) without /proc/diskstats. nowrap=False: the
+        # kernel's counters are 64-bit, and psutil's wrap bookkeeping costs a fifth of the call;
+        # a counter that does go backwards reads as a reset, as after a reboot.
+        disk_io = psutil.disk_io_counters(nowrap=False)
         recv = sent = errors = drops = 0
-        for nic, counters in psutil.net_io_counters(pernic=True).items():
+        for nic, counters in psutil.net_io_counters(pernic=True, nowrap=False).items():
             if _is_loopback(nic):
                 continue
             recv += counters.bytes_recv

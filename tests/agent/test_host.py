@@ -90,7 +90,7 @@ def test_a_missing_disk_path_fails_at_construction(tmp_path: Path) -> None:
 
 def test_no_disk_io_counters_means_none_not_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     # Some containers have no /proc/diskstats; psutil then answers None.
-    monkeypatch.setattr(psutil, "disk_io_counters", lambda: None)
+    monkeypatch.setattr(psutil, "disk_io_counters", lambda **_: None)
     host = HostCollector().sample()
     assert host.disk_read_bytes_total is None
     assert host.disk_write_bytes_total is None
