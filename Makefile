@@ -1,17 +1,20 @@
 # The README's two commands: `make demo` (the main job) and `make test`.
-.PHONY: demo test lint unit bench bootstrap clean
+.PHONY: demo test lint unit bench bootstrap test-bootstrap clean
 
 bootstrap:
 	./scripts/bootstrap.sh
 
+test-bootstrap:
+	WITH_TEST_TOOLS=1 ./scripts/bootstrap.sh
+
 demo: bootstrap
 	.venv/bin/llmops demo
 
-lint: bootstrap
+lint: test-bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 
-unit: bootstrap
+unit: test-bootstrap
 	.venv/bin/pytest -q
 
 test: lint unit

@@ -27,6 +27,12 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   apt_install mosquitto
 fi
 
+# The tests also check the unit file with systemd-analyze (absent from slim containers).
+if [ -n "${WITH_TEST_TOOLS:-}" ] && ! command -v systemd-analyze >/dev/null; then
+  echo "bootstrap: installing systemd (for systemd-analyze verify)"
+  apt_install systemd
+fi
+
 if [ ! -x .venv/bin/python ]; then
   if ! "$PYTHON" -m venv .venv 2>/dev/null; then
     rm -rf .venv

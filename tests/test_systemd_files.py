@@ -1,0 +1,80 @@
+"""The shipped unit file and broker config are valid for the real tools that read them."""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import getpass
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from llm_ops_helper.broker import free_port, mosquitto_binary
+
+SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
+
+
+def _unit() -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(SYSTEMD / "llmops-agent.service")
+    return unit
+
+
+def test_agent_unit_has_the_promised_lifecycle_and_sandbox() -> None:
+    service = _unit()["Service"]
+    expected = {"Type": "notify", "Restart": "on-failure", "RestartPreventExitStatus": "78",
+                "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                "PrivateTmp": "yes", "User": "llmops"}
+    assert {k: service.get(k) for k in expected} == expected
+    assert int(service["WatchdogSec"]) >= 10
+    # NVML needs the NVIDIA device nodes even with DevicePolicy=closed.
+    assert "char-nvidia-frontend rw" in (SYSTEMD / "llmops-agent.service").read_text()
+
+
+def test_agent_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is missing; install it with: apt-get install -y systemd")
+    agent = Path(sys.executable).with_name("llmops-agent")
+    text = (SYSTEMD / "llmops-agent.service").read_text()
+    unit = tmp_path / "llmops-agent.service"
+    unit.write_text(text.replace("/opt/llmops/venv/bin/llmops-agent", str(agent)))
+    done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+async def test_shipped_mosquitto_conf_runs_a_v5_broker_with_persistence(tmp_path: Path) -> None:
+    port = free_port()
+    conf = (SYSTEMD / "mosquitto.conf").read_text()
+    assert "max_queued_messages 500000" in conf and "persistence true" in conf
+    conf = conf.replace("listener 1883", f"listener {port} 127.0.0.1").replace(
+        "/var/lib/mosquitto/", f"{tmp_path}/") + f"\nuser {getpass.getuser()}\n"
+    (tmp_path / "mosquitto.conf").write_text(conf)
+    broker = subprocess.Popen([mosquitto_binary(), "-c", str(tmp_path / "mosquitto.conf")],
+                              stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            try:
+                async with aiomqtt.Client("127.0.0.1", port,
+                                          protocol=aiomqtt.ProtocolVersion.V5) as client:
+                    await client.subscribe("t/#", qos=1)
+                    await client.publish("t/x", b"ok", qos=1)
+                    async for message in client.messages:
+                        assert message.payload == b"ok"
+                        break
+                break
+            except aiomqtt.MqttError:
+                assert broker.poll() is None, broker.stderr.read() if broker.stderr else ""
+                await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the broker never accepted a connection")
+    finally:
+        broker.terminate()
+        broker.wait(10)
+    assert (tmp_path / "mosquitto.db").exists(), "persistence did not write its database"
