@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from llm_ops_helper.agent.tomlfile import problem
 from llm_ops_helper.proto.topics import TopicError, validate_host
 
 EX_CONFIG = 78
@@ -120,26 +121,17 @@ class AgentConfig(_Section, kw_only=True, frozen=True):
         return secret
 
 
-_MSG_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
-_FIELD_RE = re.compile(r"(unknown|missing required) field `(?P<field>[^`]+)`")
-
-
 def _describe(exc: msgspec.ValidationError) -> tuple[str, str]:
-    """Turn msgspec's message into (key, what was expected)."""
-    match = _MSG_RE.match(str(exc))
-    assert match is not None  # the pattern matches any string
-    msg, path = match["msg"], (match["path"] or "").lstrip(".")
-    field = _FIELD_RE.search(msg)
-    if field:
-        key = f"{path}.{field['field']}" if path else field["field"]
-        if msg.startswith("Object contains unknown"):
-            return key, "unknown key (remove it or check its spelling)"
-        return key, "required key is missing"
-    if msg.startswith("Invalid enum value"):
-        allowed = ", ".join(repr(a) for a in _literal_values(path))
-        return path, f"{msg.split('value ', 1)[1]} is not one of {allowed}"
-    expected = msg.replace("Expected", "expected", 1).replace("`", "")
-    return path or "(top level)", expected
+    """(key, what was expected) for one msgspec validation error."""
+    found = problem(exc)
+    if found.kind == "unknown_key":
+        return found.key, "unknown key (remove it or check its spelling)"
+    if found.kind == "missing_key":
+        return found.key, "required key is missing"
+    if found.detail.startswith("invalid enum value"):
+        allowed = ", ".join(repr(a) for a in _literal_values(found.key))
+        return found.key, f"{found.detail.split('value ', 1)[1]} is not one of {allowed}"
+    return found.key or "(top level)", found.detail
 
 
 def _literal_values(path: str) -> tuple[object, ...]:

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import msgspec
 
 from llm_ops_helper.agent.collectors.nvml import THROTTLE_REASON_NAMES
+from llm_ops_helper.agent.tomlfile import problem
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -142,7 +143,7 @@ def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
     try:
         parsed = msgspec.convert(raw, _File)
     except msgspec.ValidationError as exc:
-        raise ScenarioError(f"{source}: {_explain(str(exc), raw)}") from exc
+        raise ScenarioError(f"{source}: {_explain(exc, raw)}") from exc
     for i, entry in enumerate(parsed.events):
         if problem := _check(entry):
             raise ScenarioError(f"{source}: events[{i}].{problem}")
@@ -161,26 +162,20 @@ def _check(entry: ScenarioEvent) -> str | None:
     return None
 
 
-_MSGSPEC_ERROR = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-
-
-def _explain(message: str, raw: dict[str, Any]) -> str:
-    """msgspec's "Expected `int`, got `str` - at `$.events[2].xid`" as "events[2].xid: expected
-    int, got str", with the keys or kinds that would have fitted where that helps."""
-    match = _MSGSPEC_ERROR.match(message)
-    assert match is not None  # the pattern matches any string
-    what, path = match["what"], (match["path"] or "").lstrip(".")
-    if field := re.fullmatch(r"Object missing required field `(\w+)`", what):
-        return f"{_join(path, field[1])}: missing required key"
-    if field := re.fullmatch(r"Object contains unknown field `(.+)`", what):
-        allowed = _allowed_keys(path, raw)
-        return f"{_join(path, field[1])}: unknown key" + (
-            f" (allowed: {', '.join(allowed)})" if allowed else "")
-    if path.endswith(".kind") and what.startswith("Invalid value"):
-        kind = what.removeprefix("Invalid value ").strip()
-        return f"{path}: unknown kind {kind} (expected one of: {', '.join(sorted(KINDS))})"
-    what = what.replace("`", "")
-    return f"{path or '(top level)'}: {what[:1].lower()}{what[1:]}"
+def _explain(exc: msgspec.ValidationError, raw: dict[str, Any]) -> str:
+    """"events[2].xid: expected int, got str", with the keys or kinds that would have fitted
+    where that helps."""
+    found = problem(exc)
+    if found.kind == "missing_key":
+        return f"{found.key}: missing required key"
+    if found.kind == "unknown_key":
+        allowed = _allowed_keys(found.key.rpartition(".")[0], raw)
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{found.key}: unknown key{hint}"
+    if found.key.endswith(".kind") and found.detail.startswith("invalid value"):
+        kind = found.detail.removeprefix("invalid value ").strip()
+        return f"{found.key}: unknown kind {kind} (expected one of: {', '.join(sorted(KINDS))})"
+    return f"{found.key or '(top level)'}: {found.detail}"
 
 
 def _join(path: str, key: str) -> str:
