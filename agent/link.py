@@ -31,6 +31,8 @@ log = structlog.get_logger("llmops.agent.link")
 # Messages in flight at once while draining a backlog (paho's own inflight window is 20).
 SEND_WINDOW = 16
 PUBLISH_TIMEOUT_S = 10.0
+# On stop, how long to keep sending what is queued before publishing "offline".
+FLUSH_ON_STOP_S = 1.0
 
 
 def backoff_delay(attempt: int, low: float, high: float,
@@ -118,6 +120,13 @@ class Link:
                 await stop.wait()
                 for task in tasks:
                     task.cancel()
+            # What the last ticks queued (a final event, say) goes out before "offline".
+            try:
+                async with asyncio.timeout(FLUSH_ON_STOP_S):
+                    while len(self.outbox):
+                        await self._send_batch(client)
+            except TimeoutError:
+                pass
             offline = msgspec.structs.replace(self.status(), state="offline", reason="shutdown",
                                               ts=time.time())
             await client.publish(self.status_topic, encode(offline), qos=1, retain=True,
@@ -128,9 +137,12 @@ class Link:
     async def _send(self, client: aiomqtt.Client) -> None:
         while True:
             await self.outbox.wait()
-            batch = self.outbox.head(SEND_WINDOW)
-            await asyncio.gather(*(client.publish(m.topic, m.payload, qos=m.qos) for m in batch))
-            self.outbox.done(batch)
+            await self._send_batch(client)
+
+    async def _send_batch(self, client: aiomqtt.Client) -> None:
+        batch = self.outbox.head(SEND_WINDOW)
+        await asyncio.gather(*(client.publish(m.topic, m.payload, qos=m.qos) for m in batch))
+        self.outbox.done(batch)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -63,16 +63,21 @@ async def test_sigterm_publishes_offline_and_exits_0_within_5s(mosquitto, agent_
     agent.start()
     async with Recorder(mosquitto) as rec:
         await rec.wait_for(lambda: rec.of("telemetry", Telemetry), 5.0, "telemetry")
-    stopped = time.monotonic()
-    agent.signal(signal.SIGTERM)
-    assert await agent.wait(5.0) == 0
-    assert time.monotonic() - stopped < 5.0
+        stopped = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        assert await agent.wait(5.0) == 0
+        assert time.monotonic() - stopped < 5.0
+        # Everything sampled went out before "offline": the last status follows the last seq.
+        await rec.wait_for(lambda: [s for s in rec.of("status", Status) if s.state == "offline"],
+                           2.0, "offline status")
+        last_seq = rec.of("telemetry", Telemetry)[-1].seq
     async with Recorder(mosquitto, topic="llmops/v1/agents/gpu-test/status") as late:
         statuses = await late.wait_for(lambda: late.of("status", Status), 3.0, "retained status")
         assert (statuses[-1].state, statuses[-1].reason) == ("offline", "shutdown")
     lines = [json.loads(line) for line in agent.log().splitlines()]  # every line is JSON
     assert all({"event", "host", "level", "timestamp"} <= line.keys() for line in lines)
     assert lines[-1]["event"] == "agent_stopped"
+    assert (lines[-1]["seq"], lines[-1]["unsent"]) == (last_seq, 0)
 
 
 async def test_sigkill_last_will_sets_offline_within_1_5_keepalive(mosquitto, agent_factory) -> None:
