@@ -140,16 +140,46 @@ async def test_broker_stopped_30s_every_seq_arrives_exactly_once(mosquitto, agen
     assert '"event": "broker_connected"' in agent.log()
 
 
-async def test_scenario_xid_appears_as_critical_event(mosquitto, agent_factory, tmp_path) -> None:
+async def test_scenario_xid_appears_as_critical_event_and_the_lost_gpu_alone_is_unhealthy(
+        mosquitto, agent_factory, tmp_path) -> None:
     scenario = tmp_path / "xid.toml"
-    scenario.write_text('[[events]]\nat_s = 1.0\ngpu = 2\nkind = "xid"\nxid = 79\n')
+    scenario.write_text('[[events]]\nat_s = 1.0\ngpu = 2\nkind = "xid"\nxid = 79\n'
+                        '[[events]]\nat_s = 1.0\ngpu = 2\nkind = "disappear"\n')
     agent = agent_factory(agent_config(mosquitto, gpus={"scenario": str(scenario)}))
     async with Recorder(mosquitto) as rec:
         agent.start()
         events = await rec.wait_for(
             lambda: [e for e in rec.of("events", Event) if e.kind == "xid"], 6.0, "XID event")
+        after = await rec.wait_for(
+            lambda: [t for t in rec.of("telemetry", Telemetry) if t.ts > events[0].ts + 1], 3.0,
+            "telemetry after the fault")
     assert (events[0].gpu, events[0].data["xid"], events[0].severity) == (2, 79, "critical")
     assert len(events) == 1
+    assert [e.gpu for e in rec.of("events", Event) if e.kind == "gpu_lost"] == [2]
+    gpus = after[-1].gpus
+    assert [g.index for g in gpus if not g.healthy] == [2]
+    assert gpus[2].error == "GPU is lost" and gpus[2].temperature_c is None
+    assert agent.process is not None and agent.process.poll() is None
+
+
+async def test_outage_longer_than_the_buffer_drops_the_oldest_and_counts_them(
+        mosquitto, agent_factory) -> None:
+    agent = agent_factory(agent_config(mosquitto, telemetry={"buffer_s": 2.0}))  # 4 snapshots
+    async with Recorder(mosquitto, identifier="test-controller", persistent=True) as rec:
+        agent.start()
+        await rec.wait_for(lambda: len(rec.of("telemetry", Telemetry)) >= 2, 5.0, "telemetry")
+        await mosquitto.stop()
+        await asyncio.sleep(5.0)  # ~10 snapshots sampled into a 4-snapshot buffer
+        await mosquitto.start()
+        before = len(rec.of("telemetry", Telemetry))
+        await rec.wait_for(lambda: len(rec.of("telemetry", Telemetry)) >= before + 7, 10.0,
+                           "the buffer and three fresh snapshots")
+    tracker = SeqTracker()
+    for t in rec.of("telemetry", Telemetry):
+        tracker.observe(t.host, t.run_id, t.seq)
+    dropped = rec.of("telemetry", Telemetry)[-1].agent.dropped_buffer_full
+    assert dropped >= 4
+    assert tracker.missing("gpu-test") == dropped, "every missing seq is a counted drop"
 
 
 async def test_hostile_commands_are_answered_counted_and_survived(
