@@ -1,7 +1,8 @@
 """The runtime collector: canonical names from recorded /metrics pages, and real HTTP scrapes.
 
-The pages in tests/fixtures/metrics are built from the names, types and labels in
-shared/data/runtime-metrics.md; the expected numbers below are read straight off those pages.
+The vLLM and SGLang pages in tests/fixtures/metrics are built from the names, types and labels in
+shared/data/runtime-metrics.md; llamacpp.txt is recorded from a real llama.cpp server. The expected
+numbers below are read straight off those pages.
 """
 
 from __future__ import annotations
@@ -124,20 +125,22 @@ def test_sglang() -> None:
 
 
 def test_llamacpp() -> None:
+    # Recorded after 3 completions and 1 chat completion of 8 tokens each, one at a time on one
+    # slot, so nothing is running or deferred at scrape time.
     metrics, histograms = parse_metrics(page("llamacpp"), "llamacpp")
     assert metrics == {
-        "requests_running": 3,
-        "requests_waiting": 1,
-        "prompt_tokens_total": 48213,
-        "generation_tokens_total": 1.04858e6,  # written by the server as 1.04858e+06
-        "prompt_tokens_cached_total": 30112,
-        "prompt_seconds_total": 21.874,
-        "generation_seconds_total": 9731.25,
-        "n_decode_total": 351207,
-        "n_tokens_max": 4096,  # a counter without `_total`
-        "n_busy_slots_per_decode": 2.98573,
-        "prompt_tokens_per_second": 2204.13,
-        "generation_tokens_per_second": 107.753,
+        "requests_running": 0,
+        "requests_waiting": 0,
+        "prompt_tokens_total": 74,  # 11 + 12 + 23 + 31 prompt tokens, less 0 + 1 + 1 + 1 cached
+        "generation_tokens_total": 32,  # 4 requests x 8 tokens
+        "prompt_tokens_cached_total": 3,
+        "prompt_seconds_total": 0.024883,
+        "generation_seconds_total": 0.009477,
+        "n_decode_total": 32,
+        "n_tokens_max": 38,  # a counter without `_total`
+        "n_busy_slots_per_decode": 1,
+        "prompt_tokens_per_second": 2973.92,
+        "generation_tokens_per_second": 2954.52,
         "spec_draft_tokens_total": 0,
         "spec_accepted_tokens_total": 0,
         "spec_drafts_total": 0,
@@ -262,9 +265,10 @@ def fixture_handler(name: str) -> Handler:
     return handler
 
 
-async def status_501(_: web.Request) -> web.Response:  # llama.cpp without --metrics
-    return web.Response(status=501, text='{"error":{"code":501,"message":"This server does not '
-                        'support metrics endpoint. Start it with `--metrics`"}}')
+async def status_501(_: web.Request) -> web.Response:  # llama.cpp without --metrics, as recorded
+    return web.Response(status=501, content_type="application/json",
+                        text='{"error":{"code":501,"message":"This server does not support metrics '
+                        'endpoint. Start it with `--metrics`","type":"not_supported_error"}}')
 
 
 async def garbage(_: web.Request) -> web.Response:
