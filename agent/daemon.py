@@ -84,6 +84,7 @@ class Agent:
     def counters(self) -> AgentCounters:
         return AgentCounters(buffered=len(self.outbox), dropped_buffer_full=self.outbox.dropped,
                              reconnects=max(0, self.link.connects - 1),
+                             ticks_overrun=self.ticks_overrun,
                              commands_rejected=dict(self.commands.rejected))
 
     async def _sample_once(self) -> None:

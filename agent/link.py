@@ -60,9 +60,7 @@ class Link:
         self.password = password
         self.status_topic = agent_topic(host, TopicKind.STATUS)
         self.commands_topic = agent_topic(host, TopicKind.COMMANDS)
-        self.connected = asyncio.Event()
         self.connects = 0
-        self._was_up = False
 
     def _client(self) -> aiomqtt.Client:
         will = msgspec.structs.replace(self.status(), state="offline", reason="lost",
@@ -86,13 +84,13 @@ class Link:
     async def run(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
+            connects = self.connects
             try:
                 await self._session(stop)
                 return
             except* aiomqtt.MqttError as group:
                 error = "; ".join(str(e) for e in group.exceptions)
-            self.connected.clear()
-            if self._was_up:  # a session that got connected starts the backoff afresh
+            if self.connects > connects:  # a session that got connected starts the backoff afresh
                 failures = 0
             delay = backoff_delay(failures, self.config.reconnect_min_s,
                                   self.config.reconnect_max_s)
@@ -106,13 +104,10 @@ class Link:
                 pass
 
     async def _session(self, stop: asyncio.Event) -> None:
-        self._was_up = False
         async with self._client() as client:
             self.connects += 1
-            self._was_up = True
             await client.publish(self.status_topic, encode(self.status()), qos=1, retain=True)
             await client.subscribe(self.commands_topic, qos=1)
-            self.connected.set()
             log.info("broker_connected", broker=f"{self.config.host}:{self.config.port}",
                      connects=self.connects, backlog=len(self.outbox))
             async with asyncio.TaskGroup() as tg:
@@ -131,7 +126,6 @@ class Link:
                                               ts=time.time())
             await client.publish(self.status_topic, encode(offline), qos=1, retain=True,
                                  timeout=2.0)
-            self.connected.clear()
         log.info("broker_disconnected", reason="shutdown", unsent=len(self.outbox))
 
     async def _send(self, client: aiomqtt.Client) -> None:

@@ -127,6 +127,8 @@ class AgentCounters(_Msg, kw_only=True, frozen=True):
     buffered: int = 0
     dropped_buffer_full: int = 0
     reconnects: int = 0
+    # Ticks whose collection outlasted the interval (the missed ticks were skipped, not burst).
+    ticks_overrun: int = 0
     commands_rejected: dict[str, int] = {}
 
 

@@ -9,7 +9,7 @@ from typing import TextIO
 import aiomqtt
 import msgspec
 
-from llm_ops_helper.proto.codec import PAYLOAD_TYPES, DecodeError, decode
+from llm_ops_helper.proto.codec import DecodeError, decode_for_topic
 from llm_ops_helper.proto.messages import Event, Status, Telemetry
 from llm_ops_helper.proto.topics import PREFIX, AgentTopic, TopicError
 
@@ -66,6 +66,6 @@ async def watch(host: str, port: int, *, raw: bool = False, out: TextIO = sys.st
                 continue
             try:
                 kind = AgentTopic.parse(str(message.topic)).kind
-                print(summarize(decode(payload, PAYLOAD_TYPES[kind])), file=out, flush=True)
+                print(summarize(decode_for_topic(payload, kind)), file=out, flush=True)
             except (TopicError, DecodeError) as exc:
                 print(f"{message.topic} undecodable: {exc}", file=out, flush=True)
