@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from importlib import resources
 from pathlib import Path
 
 INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto"
@@ -39,26 +40,16 @@ def free_port() -> int:
 
 
 def config_text(port: int, data_dir: Path) -> str:
-    # Mirrors systemd/mosquitto.conf in what matters for telemetry: v5 listener, persistence for
-    # QoS 1 sessions, and a queue bound far above the default 1000 (which drops silently).
-    return "\n".join([
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "persistence true",
-        f"persistence_location {data_dir}/",
-        "autosave_interval 5",
-        "max_queued_messages 100000",
-        "max_inflight_messages 100",
-        "persistent_client_expiration 1d",
-        f"log_dest file {data_dir}/mosquitto.log",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
-        f"user {getpass.getuser()}",
-        "",
-    ])
+    """The shipped systemd/mosquitto.conf, so tests run the broker settings users get, on a
+    loopback port with its own persistence directory and log."""
+    shipped = (resources.files("llm_ops_helper.systemd") / "mosquitto.conf").read_text()
+    for production, local in (("listener 1883", f"listener {port} 127.0.0.1"),
+                              ("persistence_location /var/lib/mosquitto/",
+                               f"persistence_location {data_dir}/")):
+        if production not in shipped:
+            raise BrokerUnavailable(f"systemd/mosquitto.conf no longer has {production!r}")
+        shipped = shipped.replace(production, local)
+    return shipped + f"\nlog_dest file {data_dir}/mosquitto.log\nuser {getpass.getuser()}\n"
 
 
 class LocalMosquitto:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import configparser
-import getpass
 import shutil
 import subprocess
 import sys
@@ -13,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from llm_ops_helper.broker import free_port, mosquitto_binary
+from llm_ops_helper.broker import LocalMosquitto, config_text
 
 SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
 
@@ -50,31 +48,19 @@ def test_agent_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 async def test_shipped_mosquitto_conf_runs_a_v5_broker_with_persistence(tmp_path: Path) -> None:
-    port = free_port()
     conf = (SYSTEMD / "mosquitto.conf").read_text()
     assert "max_queued_messages 500000" in conf and "persistence true" in conf
-    conf = conf.replace("listener 1883", f"listener {port} 127.0.0.1").replace(
-        "/var/lib/mosquitto/", f"{tmp_path}/") + f"\nuser {getpass.getuser()}\n"
-    (tmp_path / "mosquitto.conf").write_text(conf)
-    broker = subprocess.Popen([mosquitto_binary(), "-c", str(tmp_path / "mosquitto.conf")],
-                              stderr=subprocess.PIPE)
+    broker = LocalMosquitto(tmp_path)  # runs the shipped file, listener and paths made local
+    assert "max_queued_messages 500000" in config_text(broker.port, tmp_path)
+    await broker.start()
     try:
-        for _ in range(100):
-            try:
-                async with aiomqtt.Client("127.0.0.1", port,
-                                          protocol=aiomqtt.ProtocolVersion.V5) as client:
-                    await client.subscribe("t/#", qos=1)
-                    await client.publish("t/x", b"ok", qos=1)
-                    async for message in client.messages:
-                        assert message.payload == b"ok"
-                        break
+        async with aiomqtt.Client(broker.host, broker.port,
+                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await client.subscribe("t/#", qos=1)
+            await client.publish("t/x", b"ok", qos=1)
+            async for message in client.messages:
+                assert message.payload == b"ok"
                 break
-            except aiomqtt.MqttError:
-                assert broker.poll() is None, broker.stderr.read() if broker.stderr else ""
-                await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the broker never accepted a connection")
     finally:
-        broker.terminate()
-        broker.wait(10)
+        await broker.stop()
     assert (tmp_path / "mosquitto.db").exists(), "persistence did not write its database"

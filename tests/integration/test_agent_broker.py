@@ -199,7 +199,7 @@ async def test_hostile_commands_are_answered_counted_and_survived(
         forged = sign_command("sync", {}, key_id="k1", secret=b"wrong", command_id="forged")
         good = sign_command("sync", {}, key_id="k1", secret=b"integration-secret",
                             command_id="good")
-        for payload in (b"\x00garbage", b"[" * 100_000, b"{" + b" " * (2 << 20) + b"}",
+        for payload in (b"\x00garbage", b"[" * 100_000, b"{" + b" " * (512 << 10) + b"}",
                         b'{"id": "schema", "kind": 7}', encode(forged), encode(good), encode(good)):
             await publish(mosquitto, topic, payload)
 
