@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pynvml
 
@@ -124,6 +124,7 @@ class SimulatedGpuCollector:
         self._last_t = 0.0
         self._rng = random.Random(f"{host}:{seed}")
         self._fired: set[int] = set()
+        self._by_kind: dict[tuple[type, int], list[Any]] = {}
         self._tracker = GpuEventTracker(host)
         p = self.profile
         self._gpus = [
@@ -180,7 +181,13 @@ class SimulatedGpuCollector:
                 gpu.retired_pages += entry.uncorrected
 
     def _entries(self, kind: type[_E], gpu: int) -> list[_E]:
-        return [e for e in self.scenario.events if isinstance(e, kind) and e.applies_to(gpu)]
+        # The scenario never changes: filter it once per (kind, GPU), not on every tick.
+        key = (kind, gpu)
+        found = self._by_kind.get(key)
+        if found is None:
+            found = self._by_kind[key] = [e for e in self.scenario.events
+                                          if isinstance(e, kind) and e.applies_to(gpu)]
+        return found
 
     def _step(self, gpu: _Gpu, t: float, dt: float) -> GpuSample:
         p = self.profile
