@@ -7,26 +7,20 @@ Secrets (command keys, broker password) live in their own files, named here by p
 
 from __future__ import annotations
 
-import re
 import socket
-import tomllib
-import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 
-from llm_ops_helper.agent.tomlfile import problem
+from llm_ops_helper import tomlfile
 from llm_ops_helper.proto.topics import TopicError, validate_host
+from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError
 
-EX_CONFIG = 78
+__all__ = ["EX_CONFIG", "AgentConfig", "ConfigError", "load", "parse"]
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-
-
-class ConfigError(Exception):
-    pass
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -107,54 +101,14 @@ class AgentConfig(_Section, kw_only=True, frozen=True):
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the config file's directory."""
-        p = Path(path)
-        return p if p.is_absolute() or not self.source else Path(self.source).parent / p
+        return tomlfile.resolve(self.source, path)
 
     def read_secret(self, path: str, key: str) -> bytes:
-        try:
-            secret = self.resolve(path).read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(f"{self.source}: key '{key}': cannot read secret file "
-                              f"{path!r}: {exc.strerror}") from None
-        if not secret:
-            raise ConfigError(f"{self.source}: key '{key}': secret file {path!r} is empty")
-        return secret
-
-
-def _describe(exc: msgspec.ValidationError) -> tuple[str, str]:
-    """(key, what was expected) for one msgspec validation error."""
-    found = problem(exc)
-    if found.kind == "unknown_key":
-        return found.key, "unknown key (remove it or check its spelling)"
-    if found.kind == "missing_key":
-        return found.key, "required key is missing"
-    if found.detail.startswith("invalid enum value"):
-        allowed = ", ".join(repr(a) for a in _literal_values(found.key))
-        return found.key, f"{found.detail.split('value ', 1)[1]} is not one of {allowed}"
-    return found.key or "(top level)", found.detail
-
-
-def _literal_values(path: str) -> tuple[object, ...]:
-    """The allowed values of the Literal field at a dotted config path."""
-    node: object = AgentConfig
-    for part in re.sub(r"\[\d+\]", "", path).split("."):
-        node = typing.get_type_hints(node, include_extras=True)[part]
-        while typing.get_origin(node) in (list, typing.Annotated):
-            node = typing.get_args(node)[0]
-    return typing.get_args(node)
+        return tomlfile.read_secret(self.source, path, key)
 
 
 def parse(text: str, source: str) -> AgentConfig:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        config = msgspec.convert(raw, AgentConfig)
-    except msgspec.ValidationError as exc:
-        key, expected = _describe(exc)
-        raise ConfigError(f"{source}: key '{key}': {expected}") from None
-    config = msgspec.structs.replace(config, source=source)
+    config = msgspec.structs.replace(tomlfile.parse(text, source, AgentConfig), source=source)
     _check(config)
     return config
 
@@ -183,10 +137,4 @@ def _check(config: AgentConfig) -> None:
 
 
 def load(path: str | Path) -> AgentConfig:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
-    return parse(text, str(path))
+    return parse(tomlfile.read_text(path), str(path))

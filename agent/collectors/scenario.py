@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import msgspec
 
 from llm_ops_helper.agent.collectors.nvml import THROTTLE_REASON_NAMES
-from llm_ops_helper.agent.tomlfile import problem
+from llm_ops_helper.tomlfile import problem
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
