@@ -10,7 +10,6 @@ retained ``offline`` status and disconnect cleanly, so the Will does not fire.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,6 +21,7 @@ from paho.mqtt.properties import Properties
 
 from llm_ops_helper.agent.config import BrokerConfig
 from llm_ops_helper.agent.outbox import Outbox
+from llm_ops_helper.backoff import backoff_delay
 from llm_ops_helper.proto.codec import encode
 from llm_ops_helper.proto.messages import Status
 from llm_ops_helper.proto.topics import TopicKind, agent_topic
@@ -33,13 +33,6 @@ SEND_WINDOW = 16
 PUBLISH_TIMEOUT_S = 10.0
 # On stop, how long to keep sending what is queued before publishing "offline".
 FLUSH_ON_STOP_S = 1.0
-
-
-def backoff_delay(attempt: int, low: float, high: float,
-                  rand: Callable[[], float] = random.random) -> float:
-    """Equal-jitter exponential backoff: half the capped delay plus a random part of the rest."""
-    capped = min(high, low * 2.0 ** min(attempt, 30))
-    return capped / 2 + rand() * capped / 2
 
 
 class Link:

@@ -165,6 +165,10 @@ class Status(_Msg, kw_only=True, frozen=True):
 
 Severity = Literal["info", "warning", "critical"]
 
+# XIDs that mean the GPU or its memory can no longer be trusted: drain and reset, or replace.
+# The agent marks their events critical; the controller alerts on them by this same list.
+CRITICAL_XIDS = frozenset({48, 63, 64, 74, 79, 94, 95, 119, 120})
+
 
 class Event(_Msg, kw_only=True, frozen=True):
     """Something discrete that happened on a host: an XID, an ECC error, a replica exiting."""
@@ -213,14 +217,22 @@ class CommandResult(_Msg, kw_only=True, frozen=True):
 
 
 class Alert(_Msg, kw_only=True, frozen=True):
+    """One alert at one transition. ``id`` names one firing (a later re-fire gets a new id);
+    ``key`` is what de-duplicates: rule, host, GPU, replica and series."""
+
     v: int = SCHEMA_VERSION
     id: str
+    key: str = ""
     state: Literal["firing", "resolved"]
     severity: Severity
     rule: str
     host: str | None = None
     gpu: int | None = None
     replica: str | None = None
+    series: str | None = None
     summary: str = ""
+    value: float | None = None
     ts: float
+    started_at: float | None = None
+    resolved_at: float | None = None
     labels: dict[str, str] = {}

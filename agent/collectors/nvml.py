@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pynvml
 
 from llm_ops_helper.agent.collectors.base import Collected
-from llm_ops_helper.proto.messages import Event, GpuInfo, GpuSample, Severity
+from llm_ops_helper.proto.messages import CRITICAL_XIDS, Event, GpuInfo, GpuSample, Severity
 
 _T = TypeVar("_T")
 
@@ -29,8 +29,6 @@ class NvmlUnavailable(RuntimeError):
     """NVML cannot be used on this host; the message says why."""
 
 
-# XIDs that mean the GPU or its memory can no longer be trusted: drain and reset, or replace.
-CRITICAL_XIDS = frozenset({48, 63, 64, 74, 79, 94, 95, 119, 120})
 XID_DESCRIPTIONS: dict[int, str] = {
     13: "graphics engine exception",
     31: "GPU memory page fault",

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from llm_ops_helper.agent.link import backoff_delay
 from llm_ops_helper.agent.outbox import Outbox, Outgoing
+from llm_ops_helper.backoff import backoff_delay
 
 
 def _t(n: int) -> Outgoing:
