@@ -1,1 +1,1 @@
-"""The controller daemon (issue 3 fills it)."""
+"""The controller daemon: ingest, fleet state, anomaly detection, alerts, HTTP API."""

@@ -7,6 +7,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,23 +47,28 @@ def _toml(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
-class AgentProcess:
-    """``python -m llm_ops_helper.agent`` as a child process, logs to a file."""
+class DaemonProcess:
+    """``python -m MODULE --config FILE`` as a child process, logs to a file."""
+
+    module = ""
 
     def __init__(self, workdir: Path, config_text: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / "agent.toml"
+        name = self.module.rsplit(".", 1)[-1]
+        self.config_path = workdir / f"{name}.toml"
         self.config_path.write_text(config_text)
-        self.log_path = workdir / "agent.log"
+        self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "llm_ops_helper.agent", "--config", str(self.config_path)],
+            [sys.executable, "-m", self.module, "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -76,7 +82,7 @@ class AgentProcess:
         deadline = loop.time() + timeout_s
         while (code := self.process.poll()) is None:
             if loop.time() > deadline:
-                raise TimeoutError(f"agent still running after {timeout_s} s")
+                raise TimeoutError(f"{self.module} still running after {timeout_s} s")
             await asyncio.sleep(0.02)
         return code
 
@@ -87,6 +93,32 @@ class AgentProcess:
         if self.process is not None and self.process.poll() is None:
             self.signal(signal.SIGKILL)
             await self.wait(5)
+
+
+class AgentProcess(DaemonProcess):
+    module = "llm_ops_helper.agent"
+
+
+class ControllerProcess(DaemonProcess):
+    module = "llm_ops_helper.controller"
+
+
+def controller_config(mqtt: LocalMosquitto, /, state_dir: Path, http_port: int,
+                      **sections: dict[str, Any]) -> str:
+    """A controller TOML for tests: quick reconnects, a private state directory."""
+    base: dict[str, dict[str, Any]] = {
+        "broker": {"host": mqtt.host, "port": mqtt.port, "keepalive_s": 4,
+                   "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        "http": {"host": "127.0.0.1", "port": http_port},
+        "state": {"dir": str(state_dir)},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 class Recorder:
@@ -103,6 +135,7 @@ class Recorder:
         self.identifier = identifier
         self.persistent = persistent
         self.messages: list[aiomqtt.Message] = []
+        self.arrived_at: list[float] = []  # wall time each message arrived
         self.connected = asyncio.Event()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -133,6 +166,7 @@ class Recorder:
                     self.connected.set()
                     async for message in client.messages:
                         self.messages.append(message)
+                        self.arrived_at.append(time.time())
                         self._arrived.set()
             except aiomqtt.MqttError:
                 self.connected.clear()

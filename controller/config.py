@@ -1,0 +1,149 @@
+"""The controller's TOML configuration, read once into frozen typed objects.
+
+Same contract as the agent's: any problem raises :class:`ConfigError` with one line naming the
+file, the key and what was expected; ``__main__`` exits 78 (EX_CONFIG), which the unit file does
+not restart. The broker password lives in its own file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from llm_ops_helper import tomlfile
+from llm_ops_helper.proto.messages import CRITICAL_XIDS
+from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError
+
+__all__ = ["EX_CONFIG", "ConfigError", "ControllerConfig", "load", "parse"]
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: any free port (tests)
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class BrokerConfig(_Section, kw_only=True, frozen=True):
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    client_id: str = "llmops-controller"
+    keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 30
+    username: str = ""
+    password_file: str = ""
+    # How long the broker keeps the controller's subscriptions and queues its messages while it
+    # is away: a restart loses nothing, a long outage does not come back to an unbounded replay.
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 300
+    reconnect_min_s: Positive = 0.5
+    reconnect_max_s: Positive = 10.0
+
+
+class HttpConfig(_Section, kw_only=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 8470
+
+
+class StateConfig(_Section, kw_only=True, frozen=True):
+    # SQLite database (alerts, anomalies, deliveries) and detector checkpoints live here.
+    dir: str = "/var/lib/llmops-controller"
+    checkpoint_interval_s: Positive = 60.0
+
+
+class FleetConfig(_Section, kw_only=True, frozen=True):
+    # A host that sent nothing for this many of its own intervals is offline ("stale").
+    stale_after_intervals: Annotated[float, msgspec.Meta(ge=1)] = 3.0
+    # Telemetry accepted per host per second beyond its interval (a flood is dropped, counted).
+    max_messages_per_s: Positive = 20.0
+    burst: Annotated[int, msgspec.Meta(ge=1)] = 200
+
+
+class DetectionConfig(_Section, kw_only=True, frozen=True):
+    enabled: bool = True
+    # Samples are scored in batches this often (vectorised across every series).
+    batch_interval_s: Positive = 1.0
+    # An anomaly alert resolves after this long without a new detection on its series.
+    resolve_after_s: Positive = 300.0
+    # Detections kept in memory for /api/v1/anomalies (all are also in SQLite).
+    recent: Annotated[int, msgspec.Meta(ge=1)] = 1000
+
+
+class RulesConfig(_Section, kw_only=True, frozen=True):
+    gpu_temperature_max_c: float = 85.0
+    # Thermal or power throttling active this long (seconds of telemetry) raises an alert.
+    throttle_sustained_s: NonNegative = 30.0
+    critical_xids: frozenset[int] = CRITICAL_XIDS
+    # An XID alert stays firing this long after the last XID of its kind on that GPU.
+    xid_hold_s: Positive = 600.0
+    replica_restarts_max: Annotated[int, msgspec.Meta(ge=1)] = 3
+    replica_restarts_window_s: Positive = 600.0
+    # Replica alerts (rules and anomalies) are silenced this long after a replica (re)starts.
+    replica_startup_grace_s: NonNegative = 120.0
+
+
+class WebhookConfig(_Section, kw_only=True, frozen=True):
+    url: str
+    # "webhook": Alertmanager's webhook_config payload (version 4), what receivers built for
+    # Alertmanager accept. "alertmanager": POST to an Alertmanager's /api/v2/alerts.
+    format: Literal["webhook", "alertmanager"] = "webhook"
+    timeout_s: Positive = 5.0
+    retry_min_s: Positive = 1.0
+    retry_max_s: Positive = 300.0
+
+
+class AlertsConfig(_Section, kw_only=True, frozen=True):
+    webhooks: list[WebhookConfig] = []
+    # Where the alerts' generatorURL and the webhook's externalURL point (the dashboard).
+    external_url: str = ""
+
+
+class ControllerConfig(_Section, kw_only=True, frozen=True):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    broker: BrokerConfig
+    http: HttpConfig = HttpConfig()
+    state: StateConfig = StateConfig()
+    fleet: FleetConfig = FleetConfig()
+    detection: DetectionConfig = DetectionConfig()
+    rules: RulesConfig = RulesConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    source: str = ""
+
+    def resolve(self, path: str) -> Path:
+        return tomlfile.resolve(self.source, path)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.state.dir)
+
+    def broker_password(self) -> str | None:
+        if not self.broker.password_file:
+            return None
+        return tomlfile.read_secret(self.source, self.broker.password_file,
+                                    "broker.password_file").decode()
+
+
+def parse(text: str, source: str) -> ControllerConfig:
+    config = msgspec.structs.replace(tomlfile.parse(text, source, ControllerConfig),
+                                     source=source)
+    _check(config)
+    return config
+
+
+def _check(config: ControllerConfig) -> None:
+    src = config.source
+    if config.broker.reconnect_max_s < config.broker.reconnect_min_s:
+        raise ConfigError(f"{src}: key 'broker.reconnect_max_s': expected a value >= "
+                          f"broker.reconnect_min_s ({config.broker.reconnect_min_s})")
+    for i, hook in enumerate(config.alerts.webhooks):
+        if not hook.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{src}: key 'alerts.webhooks[{i}].url': expected an http(s) URL, "
+                              f"got {hook.url!r}")
+        if hook.retry_max_s < hook.retry_min_s:
+            raise ConfigError(f"{src}: key 'alerts.webhooks[{i}].retry_max_s': expected a value "
+                              f">= retry_min_s ({hook.retry_min_s})")
+
+
+def load(path: str | Path) -> ControllerConfig:
+    return parse(tomlfile.read_text(path), str(path))

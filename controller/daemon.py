@@ -1,0 +1,88 @@
+"""The controller daemon: one TaskGroup, visible phases.
+
+Start-up: state built from config (SQLite opened, firing alerts and detector checkpoints
+restored), the HTTP server bound. Main loop, side by side: the broker session (ingest runs
+inside its receive loop), the scoring batches, the sweeper (staleness, held alerts), the
+checkpointer and one sender per webhook. Shutdown: the stop event ends the loops; the last
+batch is scored, the detectors are checkpointed and the HTTP server closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+
+from llm_ops_helper.controller.api import build_app
+from llm_ops_helper.controller.mqtt import ControllerLink
+from llm_ops_helper.controller.state import ControllerState
+from llm_ops_helper.systemd_notify import Notifier
+
+log = structlog.get_logger("llmops.controller")
+
+SWEEP_INTERVAL_S = 0.5
+
+
+class Controller:
+    def __init__(self, state: ControllerState, notifier: Notifier | None = None) -> None:
+        self.state = state
+        config = state.config
+        self.notifier = notifier or Notifier({})
+        self.link = ControllerLink(config.broker, state.ingest.handle, state.mqtt_alerts,
+                                   password=config.broker_password())
+        state.link_connected = lambda: self.link.connected
+        self.http_port: int | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = self.state.config
+        runner = web.AppRunner(build_app(self.state), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, config.http.host, config.http.port)
+        await site.start()
+        self.http_port = runner.addresses[0][1]
+        log.info("controller_started", http=f"http://{config.http.host}:{self.http_port}",
+                 broker=f"{config.broker.host}:{config.broker.port}",
+                 state_dir=str(config.state_dir))
+        self.notifier.ready()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(stop))
+                tg.create_task(self._every(stop, SWEEP_INTERVAL_S, self.state.ingest.sweep))
+                if self.state.analytics is not None:
+                    tg.create_task(self._every(stop, config.detection.batch_interval_s,
+                                               self.score))
+                    tg.create_task(self._every(stop, config.state.checkpoint_interval_s,
+                                               self.state.checkpoint))
+                senders = [tg.create_task(w.run()) for w in self.state.webhooks]
+                await stop.wait()
+                for task in senders:
+                    task.cancel()
+        finally:
+            self.notifier.stopping()
+            self.score()
+            self.state.checkpoint()
+            await runner.cleanup()
+            self.state.store.close()
+            log.info("controller_stopped")
+
+    def score(self) -> None:
+        analytics = self.state.analytics
+        if analytics is None:
+            return
+        detections, holds = analytics.flush()
+        if detections:
+            self.state.record(detections)
+        for condition, at, until in holds:
+            self.state.alerts.hold(condition, until, at)
+
+    async def _every(self, stop: asyncio.Event, interval: float,
+                     work: Callable[[], None]) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+            if not stop.is_set():
+                work()

@@ -1,0 +1,154 @@
+"""What the controller knows about each host: online or not, its last snapshot, its gaps.
+
+A host is online from its retained ``online`` status or its first telemetry. It goes offline
+three ways, and the reason is kept: ``shutdown`` (the agent said so on a clean stop), ``lost``
+(the broker published its Last Will) and ``stale`` (nothing for ``stale_after_intervals`` of
+its own intervals, which catches a hung agent whose connection is still up). Every method takes
+the time from its caller, so the whole class runs in tests without a clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llm_ops_helper.proto.messages import Event, ReplicaSample, Status, Telemetry
+from llm_ops_helper.proto.sequence import SeqTracker, Verdict
+
+OfflineReason = Literal["shutdown", "lost", "stale"]
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    name: str
+    runtime: str
+    up: bool
+    # Wall time of the last (re)start seen: first seen, came up, or its counters reset.
+    started_at: float
+    ever_up: bool = False
+    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+
+
+@dataclass(slots=True)
+class HostState:
+    host: str
+    online: bool = False
+    offline_reason: OfflineReason | None = None
+    # Wall time of the last change between online and offline.
+    since: float = 0.0
+    status: Status | None = None
+    telemetry: Telemetry | None = None
+    previous: Telemetry | None = None
+    interval_s: float = 1.0
+    last_seen: float = 0.0  # monotonic, for staleness
+    messages: int = 0
+    replicas: dict[str, ReplicaState] = field(default_factory=dict)
+    events: deque[Event] = field(default_factory=lambda: deque(maxlen=50))
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A host going online or offline; ``reason`` says why it went offline."""
+
+    host: str
+    online: bool
+    reason: OfflineReason | None = None
+
+
+@dataclass
+class Fleet:
+    stale_after_intervals: float = 3.0
+    hosts: dict[str, HostState] = field(default_factory=dict)
+    seq: SeqTracker = field(default_factory=SeqTracker)
+
+    def _host(self, host: str) -> HostState:
+        state = self.hosts.get(host)
+        if state is None:
+            state = self.hosts[host] = HostState(host)
+        return state
+
+    def _set_online(self, state: HostState, wall: float) -> Transition | None:
+        if state.online:
+            return None
+        state.online, state.offline_reason, state.since = True, None, wall
+        return Transition(state.host, True)
+
+    def _set_offline(self, state: HostState, reason: OfflineReason,
+                     wall: float) -> Transition | None:
+        if not state.online and state.offline_reason is not None:
+            if reason != "stale":  # a Will or a clean stop after staleness says more
+                state.offline_reason = reason
+            return None
+        state.online, state.offline_reason, state.since = False, reason, wall
+        return Transition(state.host, False, reason)
+
+    def apply_status(self, status: Status, now: float, wall: float) -> Transition | None:
+        state = self._host(status.host)
+        state.status = status
+        if status.interval_s:
+            state.interval_s = status.interval_s
+        if status.state == "online":
+            state.last_seen = now
+            return self._set_online(state, wall)
+        reason: OfflineReason = "shutdown" if status.reason == "shutdown" else "lost"
+        return self._set_offline(state, reason, wall)
+
+    def apply_telemetry(self, telemetry: Telemetry, now: float,
+                        wall: float) -> tuple[Verdict, Transition | None]:
+        """Record a snapshot. A duplicate changes nothing; a late one only fills its gap."""
+        verdict = self.seq.observe(telemetry.host, telemetry.run_id, telemetry.seq)
+        if verdict is Verdict.DUPLICATE:
+            return verdict, None
+        state = self._host(telemetry.host)
+        state.messages += 1
+        state.last_seen = now
+        if verdict is Verdict.LATE:
+            return verdict, None
+        state.previous, state.telemetry = state.telemetry, telemetry
+        state.interval_s = telemetry.interval_s or state.interval_s
+        self._track_replicas(state, telemetry.replicas, telemetry.ts)
+        return verdict, self._set_online(state, wall)
+
+    def _track_replicas(self, state: HostState, replicas: list[ReplicaSample],
+                        wall: float) -> None:
+        previous = state.previous
+        before = {r.name: r for r in previous.replicas} if previous else {}
+        for sample in replicas:
+            replica = state.replicas.get(sample.name)
+            if replica is None:
+                state.replicas[sample.name] = ReplicaState(sample.name, sample.runtime,
+                                                           sample.up, started_at=wall,
+                                                           ever_up=sample.up)
+                continue
+            last = before.get(sample.name)
+            came_back = sample.up and not replica.up and replica.ever_up
+            reset = sample.up and last is not None and _counters_reset(last, sample)
+            if came_back or reset:
+                # Up again after being up before, or counters went backwards: a restart.
+                replica.started_at = wall
+                replica.restarts.append(wall)
+            replica.up = sample.up
+            replica.ever_up = replica.ever_up or sample.up
+        for name in state.replicas.keys() - {r.name for r in replicas}:
+            del state.replicas[name]
+
+    def sweep(self, now: float, wall: float) -> list[Transition]:
+        """Hosts that turned stale since the last sweep."""
+        out = []
+        for state in self.hosts.values():
+            silent = now - state.last_seen > self.stale_after_intervals * state.interval_s
+            if state.online and silent and (t := self._set_offline(state, "stale", wall)):
+                out.append(t)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        online = sum(1 for s in self.hosts.values() if s.online)
+        return {"online": online, "offline": len(self.hosts) - online}
+
+
+def _counters_reset(before: ReplicaSample, after: ReplicaSample) -> bool:
+    for name, value in after.metrics.items():
+        if name.endswith("_total") and value < before.metrics.get(name, 0.0):
+            return True
+    return False

@@ -1,0 +1,170 @@
+"""From an MQTT message to fleet state, rules, alerts and the detectors' buffer.
+
+:meth:`Ingest.handle` is synchronous and small: it runs once per message for thousands of hosts
+a second, after aiomqtt has already spent a few hundred microseconds receiving it. Anything that
+does not fit is dropped with a counted reason, never raised: ``bad_topic`` (not
+``llmops/v1/agents/{host}/{kind}``), ``rate_limited`` (a host sending far more than its interval
+says: a flood costs the others nothing but this check), the codec's ``too_large``, ``not_json``,
+``schema``, ``unsupported_version``, ``host_mismatch`` (a payload that claims another host than
+its topic) and ``duplicate`` (a QoS 1 redelivery of a ``seq`` already counted).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from llm_ops_helper.controller.alerts import AlertManager
+from llm_ops_helper.controller.anomalies import Analytics
+from llm_ops_helper.controller.config import FleetConfig, RulesConfig
+from llm_ops_helper.controller.fleet import Fleet, Transition
+from llm_ops_helper.controller.rules import (
+    HostRuleState,
+    event_condition,
+    host_offline_condition,
+    telemetry_conditions,
+)
+from llm_ops_helper.proto import codec
+from llm_ops_helper.proto.codec import DecodeError
+from llm_ops_helper.proto.messages import Event, Status, Telemetry
+from llm_ops_helper.proto.sequence import Verdict
+from llm_ops_helper.proto.topics import PREFIX, TopicError, validate_host
+
+log = structlog.get_logger("llmops.controller.ingest")
+
+_AGENTS = f"{PREFIX}/agents/"
+KINDS = ("status", "telemetry", "events", "results")
+
+
+@dataclass
+class TokenBucket:
+    tokens: float
+    last: float
+
+
+@dataclass
+class IngestStats:
+    messages: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    # Age of the newest snapshot handled (now - its ts): grows if ingest falls behind.
+    lag_s: float = 0.0
+
+
+class Ingest:
+    def __init__(self, fleet: Fleet, alerts: AlertManager, analytics: Analytics | None,
+                 fleet_config: FleetConfig, rules: RulesConfig,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.fleet = fleet
+        self.alerts = alerts
+        self.analytics = analytics
+        self.fleet_config = fleet_config
+        self.rules = rules
+        self.monotonic = monotonic
+        self.wall = wall
+        self.stats = IngestStats()
+        self._buckets: dict[str, TokenBucket] = {}
+        self._rule_state: dict[str, HostRuleState] = {}
+        self._logged: set[tuple[str, str]] = set()
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        if not topic.startswith(_AGENTS):
+            return self._drop("bad_topic", topic, "not under " + _AGENTS)
+        host, _, kind = topic[len(_AGENTS):].partition("/")
+        if kind not in KINDS:
+            return self._drop("bad_topic", topic, f"unknown kind {kind!r}")
+        try:
+            validate_host(host)
+        except TopicError as exc:
+            return self._drop("bad_topic", topic, str(exc))
+        now = self.monotonic()
+        if not self._admit(host, now):
+            return self._drop("rate_limited", host, "more telemetry than the host's rate")
+        try:
+            if kind == "telemetry":
+                self._telemetry(host, codec.decode(payload, Telemetry), now)
+            elif kind == "events":
+                self._event(host, codec.decode(payload, Event))
+            elif kind == "status":
+                self._status(host, codec.decode(payload, Status), now)
+            else:
+                self.stats.messages[kind] += 1
+        except DecodeError as exc:
+            self._drop(exc.reason, host, exc.detail)
+
+    def _admit(self, host: str, now: float) -> bool:
+        bucket = self._buckets.get(host)
+        config = self.fleet_config
+        if bucket is None:
+            bucket = self._buckets[host] = TokenBucket(config.burst, now)
+        bucket.tokens = min(config.burst,
+                            bucket.tokens + (now - bucket.last) * config.max_messages_per_s)
+        bucket.last = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+    def _drop(self, reason: str, where: str, detail: str) -> None:
+        self.stats.dropped[reason] += 1
+        # One line per (reason, host or topic): a flood must not become a flood of log lines.
+        if (reason, where) not in self._logged and len(self._logged) < 10_000:
+            self._logged.add((reason, where))
+            log.warning("message_dropped", reason=reason, source=where, detail=detail[:300])
+
+    def _telemetry(self, host: str, t: Telemetry, now: float) -> None:
+        if t.host != host:
+            return self._drop("host_mismatch", host, f"telemetry names host {t.host!r}")
+        wall = self.wall()
+        verdict, transition = self.fleet.apply_telemetry(t, now, wall)
+        if verdict is Verdict.DUPLICATE:
+            return self._drop("duplicate", host, f"seq {t.seq} of run {t.run_id} seen before")
+        self.stats.messages["telemetry"] += 1
+        self.stats.lag_s = wall - t.ts
+        if transition is not None:
+            self._host_transition(transition, t.ts)
+        if verdict is Verdict.LATE:
+            return  # it fills a gap in the count; the models have moved past it
+        state = self.fleet.hosts[host]
+        rule_state = self._rule_state.get(host)
+        if rule_state is None:
+            rule_state = self._rule_state[host] = HostRuleState()
+        self.alerts.sync(host, "telemetry",
+                         telemetry_conditions(state, t, rule_state, self.rules), t.ts)
+        if self.analytics is not None:
+            self.analytics.add(t, state.previous)
+
+    def _event(self, host: str, event: Event) -> None:
+        if event.host != host:
+            return self._drop("host_mismatch", host, f"event names host {event.host!r}")
+        self.stats.messages["events"] += 1
+        state = self.fleet.hosts.get(host)
+        if state is not None:
+            state.events.append(event)
+        condition = event_condition(event, self.rules)
+        if condition is not None:
+            self.alerts.hold(condition, event.ts + self.rules.xid_hold_s, event.ts)
+
+    def _status(self, host: str, status: Status, now: float) -> None:
+        if status.host != host:
+            return self._drop("host_mismatch", host, f"status names host {status.host!r}")
+        self.stats.messages["status"] += 1
+        transition = self.fleet.apply_status(status, now, self.wall())
+        if transition is not None:
+            self._host_transition(transition, status.ts)
+
+    def _host_transition(self, t: Transition, ts: float) -> None:
+        log.info("host_online" if t.online else "host_offline", host=t.host, reason=t.reason)
+        condition = None if t.online else host_offline_condition(t.host, t.reason)
+        self.alerts.sync(t.host, "host", [condition] if condition else [], ts)
+
+    def sweep(self) -> None:
+        """Staleness and held alerts that ran out: run a few times a second."""
+        wall = self.wall()
+        for transition in self.fleet.sweep(self.monotonic(), wall):
+            self._host_transition(transition, wall)
+        self.alerts.expire(wall)

@@ -1,0 +1,168 @@
+"""Where alerts go: the log, the ``llmops/v1/alerts`` topic, and webhooks.
+
+Sinks are called synchronously on every transition and must never block: the log writes a
+line, MQTT puts the alert on a bounded queue the broker session drains, and a webhook only
+inserts a delivery row into SQLite and wakes its :class:`WebhookSender`, which posts in
+Alertmanager's JSON (the ``webhook_config`` payload, version 4, or an Alertmanager's own
+``/api/v2/alerts``) and retries with capped exponential backoff from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import structlog
+
+from llm_ops_helper.controller.config import WebhookConfig
+from llm_ops_helper.controller.store import Delivery, Store
+from llm_ops_helper.proto.messages import Alert
+
+log = structlog.get_logger("llmops.controller.alerts")
+
+# Alertmanager's "no end time yet".
+_ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def log_sink(alert: Alert) -> None:
+    event = "alert_fired" if alert.state == "firing" else "alert_resolved"
+    log.warning(event, alert_id=alert.id, rule=alert.rule, severity=alert.severity,
+                host=alert.host, gpu=alert.gpu, replica=alert.replica, series=alert.series,
+                summary=alert.summary)
+
+
+class MqttSink:
+    """Alerts for the broker session to publish; the oldest are dropped (and counted) if the
+    broker stays away long enough to fill the queue: SQLite still has every one."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.queue: asyncio.Queue[Alert] = asyncio.Queue(limit)
+        self.dropped = 0
+
+    def __call__(self, alert: Alert) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(alert)
+
+
+def _rfc3339(ts: float | None) -> str:
+    if ts is None:
+        return _ZERO_TIME
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def labels(alert: Alert) -> dict[str, str]:
+    out = {"alertname": alert.rule, "severity": alert.severity, "source": "llmops"}
+    for name, value in (("host", alert.host), ("gpu", alert.gpu), ("replica", alert.replica),
+                        ("series", alert.series)):
+        if value is not None:
+            out[name] = str(value)
+    return out | alert.labels
+
+
+def alertmanager_alert(alert: Alert, external_url: str) -> dict[str, Any]:
+    """One alert as Alertmanager's API and webhook payloads carry it."""
+    return {
+        "status": alert.state,
+        "labels": labels(alert),
+        "annotations": {"summary": alert.summary},
+        "startsAt": _rfc3339(alert.started_at or alert.ts),
+        "endsAt": _rfc3339(alert.resolved_at),
+        "generatorURL": f"{external_url.rstrip('/')}/api/v1/alerts?id={alert.id}"
+                        if external_url else "",
+        "fingerprint": alert.id.split("-")[0],
+    }
+
+
+def webhook_payload(alerts: list[Alert], external_url: str,
+                    receiver: str = "llmops") -> dict[str, Any]:
+    """Alertmanager's ``webhook_config`` body (version 4) for alerts of one group."""
+    items = [alertmanager_alert(a, external_url) for a in alerts]
+    common = dict(items[0]["labels"])
+    for item in items[1:]:
+        common = {k: v for k, v in common.items() if item["labels"].get(k) == v}
+    status = "firing" if any(a.state == "firing" for a in alerts) else "resolved"
+    return {
+        "version": "4",
+        "groupKey": '{}:{alertname="' + alerts[0].rule + '"}',
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": receiver,
+        "groupLabels": {"alertname": alerts[0].rule},
+        "commonLabels": common,
+        "commonAnnotations": {},
+        "externalURL": external_url,
+        "alerts": items,
+    }
+
+
+class WebhookSender:
+    """Delivers one webhook's alerts from SQLite, oldest first, retrying with backoff."""
+
+    def __init__(self, config: WebhookConfig, store: Store, external_url: str = "") -> None:
+        self.config = config
+        self.store = store
+        self.external_url = external_url
+        self.name = f"webhook:{config.url}"
+        self._wake = asyncio.Event()
+        self.delivered = 0
+        self.failures = 0
+
+    def __call__(self, alert: Alert) -> None:
+        self.store.add_delivery(alert, self.name, time.time())
+        self._wake.set()
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                now = time.time()
+                due = self.store.due_deliveries(self.name, now)
+                if due:
+                    await self._send(session, due)
+                    continue
+                next_at = self.store.next_delivery_at(self.name)
+                self._wake.clear()
+                try:
+                    wait = None if next_at is None else max(0.0, next_at - time.time())
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
+
+    def _body(self, due: list[Delivery]) -> Any:
+        alerts = [d.alert for d in due]
+        if self.config.format == "alertmanager":
+            return [alertmanager_alert(a, self.external_url) for a in alerts]
+        return webhook_payload(alerts, self.external_url)
+
+    async def _send(self, session: aiohttp.ClientSession, due: list[Delivery]) -> None:
+        # One alert per post for the webhook format: a group is one alert's key here, and
+        # receivers treat each post as one notification.
+        batches = [due] if self.config.format == "alertmanager" else [[d] for d in due]
+        for batch in batches:
+            ids = [d.id for d in batch]
+            try:
+                async with session.post(self.config.url, json=self._body(batch)) as response:
+                    if response.status >= 300:
+                        raise _Failed(f"HTTP {response.status}")
+            except (aiohttp.ClientError, TimeoutError, _Failed) as exc:
+                attempts = batch[0].attempts + 1
+                delay = min(self.config.retry_max_s,
+                            self.config.retry_min_s * 2.0 ** min(attempts - 1, 30))
+                error = str(exc) or type(exc).__name__
+                self.store.retry(ids, error, time.time() + delay)
+                self.failures += 1
+                log.warning("webhook_failed", url=self.config.url, error=error,
+                            attempts=attempts, retry_in_s=round(delay, 1), alerts=len(batch))
+                return  # keep order: nothing newer goes out before this one
+            self.store.delivered(ids, time.time())
+            self.delivered += len(batch)
+
+
+class _Failed(Exception):
+    pass
