@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from llm_ops_helper import __version__
+from llm_ops_helper import __version__, evaluate
 
 
 def _broker(value: str) -> tuple[str, int]:
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883), metavar="HOST:PORT")
     watch.add_argument("--raw", action="store_true", help="print topic and raw JSON payloads")
 
+    evaluate.add_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return evaluate.run(args)
     try:
         if args.command == "demo":
             from llm_ops_helper.demo import run_demo

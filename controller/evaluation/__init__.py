@@ -1,0 +1,1 @@
+"""Offline evaluation of the controller's detectors on public benchmarks (NAB)."""
