@@ -50,7 +50,7 @@ class Controller:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(stop))
-                tg.create_task(self._every(stop, SWEEP_INTERVAL_S, self.state.ingest.sweep))
+                tg.create_task(self._every(stop, SWEEP_INTERVAL_S, self._sweep))
                 if self.state.analytics is not None:
                     tg.create_task(self._every(stop, config.detection.batch_interval_s,
                                                self.score))
@@ -67,6 +67,10 @@ class Controller:
             await runner.cleanup()
             self.state.store.close()
             log.info("controller_stopped")
+
+    def _sweep(self) -> None:
+        self.state.ingest.sweep()
+        self.notifier.watchdog()
 
     def score(self) -> None:
         analytics = self.state.analytics

@@ -44,7 +44,7 @@ CREATE TABLE deliveries (
     last_error TEXT,
     delivered_at REAL
 );
-CREATE INDEX deliveries_pending ON deliveries (state, next_at);
+CREATE INDEX deliveries_pending ON deliveries (sink, state, id);
 CREATE TABLE anomalies (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -124,14 +124,21 @@ class Store:
                         " VALUES (?, ?, 'pending', ?, ?)", (alert.id, sink, _encode(alert), now))
 
     def due_deliveries(self, sink: str, now: float, limit: int = 100) -> list[Delivery]:
+        """The oldest pending deliveries of ``sink``, if the oldest one is due.
+
+        Head-of-line: while the oldest waits for its retry, newer ones wait behind it, so a
+        receiver sees a resolve after its firing, never before.
+        """
         rows = self.db.execute(
             "SELECT id, body, attempts, next_at FROM deliveries WHERE state = 'pending'"
-            " AND sink = ? AND next_at <= ? ORDER BY id LIMIT ?", (sink, now, limit))
+            " AND sink = ? ORDER BY id LIMIT ?", (sink, limit)).fetchall()
+        if not rows or rows[0][3] > now:
+            return []
         return [Delivery(i, _alert.decode(b), sink, n, t) for i, b, n, t in rows]
 
     def next_delivery_at(self, sink: str) -> float | None:
-        row = self.db.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'"
-                              " AND sink = ?", (sink,)).fetchone()
+        row = self.db.execute("SELECT next_at FROM deliveries WHERE state = 'pending'"
+                              " AND sink = ? ORDER BY id LIMIT 1", (sink,)).fetchone()
         return row[0] if row else None
 
     def delivered(self, ids: list[int], now: float) -> None:

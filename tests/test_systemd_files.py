@@ -16,10 +16,10 @@ from llm_ops_helper.broker import LocalMosquitto, config_text
 SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
 
 
-def _unit() -> configparser.ConfigParser:
+def _unit(name: str = "llmops-agent") -> configparser.ConfigParser:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read(SYSTEMD / "llmops-agent.service")
+    unit.read(SYSTEMD / f"{name}.service")
     return unit
 
 
@@ -34,14 +34,26 @@ def test_agent_unit_has_the_promised_lifecycle_and_sandbox() -> None:
     assert "char-nvidia-frontend rw" in (SYSTEMD / "llmops-agent.service").read_text()
 
 
-def test_agent_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+def test_controller_unit_has_the_same_lifecycle_and_hardening_as_the_agent() -> None:
+    agent, controller = _unit()["Service"], _unit("llmops-controller")["Service"]
+    same = ("Type", "Restart", "RestartPreventExitStatus", "NoNewPrivileges", "ProtectSystem",
+            "ProtectHome", "PrivateTmp", "ProtectKernelTunables", "ProtectKernelModules",
+            "ProtectControlGroups", "RestrictSUIDSGID", "RestrictNamespaces",
+            "CapabilityBoundingSet", "User", "WatchdogSec")
+    assert {k: controller.get(k) for k in same} == {k: agent.get(k) for k in same}
+    assert controller["ReadWritePaths"] == "/var/lib/llmops-controller"
+    assert controller["ExecStart"].endswith("--config /etc/llmops/controller.toml")
+
+
+@pytest.mark.parametrize("name", ["llmops-agent", "llmops-controller"])
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.fail("systemd-analyze is missing; install it with: apt-get install -y systemd")
-    agent = Path(sys.executable).with_name("llmops-agent")
-    text = (SYSTEMD / "llmops-agent.service").read_text()
-    unit = tmp_path / "llmops-agent.service"
-    unit.write_text(text.replace("/opt/llmops/venv/bin/llmops-agent", str(agent)))
+    program = Path(sys.executable).with_name(name)
+    text = (SYSTEMD / f"{name}.service").read_text()
+    unit = tmp_path / f"{name}.service"
+    unit.write_text(text.replace(f"/opt/llmops/venv/bin/{name}", str(program)))
     done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr

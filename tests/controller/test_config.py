@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm_ops_helper.controller.config import ConfigError, load, parse
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "controller.example.toml"
+
+
+def test_the_shipped_example_is_valid_and_shows_the_defaults() -> None:
+    config = load(EXAMPLE)
+    defaults = parse('[broker]\nhost = "127.0.0.1"\n', "x.toml")
+    assert config.broker == defaults.broker and config.rules == defaults.rules
+    assert config.fleet == defaults.fleet and config.detection == defaults.detection
+    assert 79 in config.rules.critical_xids and 13 not in config.rules.critical_xids
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "c.toml: key 'broker': required key is missing"),
+    ('[broker]\nhost = "h"\nport = "x"', "c.toml: key 'broker.port': expected int, got str"),
+    ('[broker]\nhost = "h"\n[rules]\ntemp = 1', "c.toml: key 'rules.temp': unknown key"),
+    ('log_level = "loud"\n[broker]\nhost = "h"', "c.toml: key 'log_level': 'loud' is not one of"),
+    ('[broker]\nhost = "h"\n[[alerts.webhooks]]\nurl = "ftp://x"',
+     "c.toml: key 'alerts.webhooks[0].url': expected an http(s) URL, got 'ftp://x'"),
+    ('[broker]\nhost = "h"\nreconnect_min_s = 5\nreconnect_max_s = 1',
+     "c.toml: key 'broker.reconnect_max_s': expected a value >= broker.reconnect_min_s"),
+    ("[broker", "c.toml: not valid TOML"),
+])
+def test_a_bad_file_names_the_key_and_what_was_expected(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "c.toml")
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_password_comes_from_its_own_file(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    config = parse('[broker]\nhost = "h"\npassword_file = "pw"\n', str(tmp_path / "c.toml"))
+    assert config.broker_password() == "s3cret"
+    missing = parse('[broker]\nhost = "h"\npassword_file = "nope"\n', str(tmp_path / "c.toml"))
+    with pytest.raises(ConfigError, match="key 'broker.password_file': cannot read secret file"):
+        missing.broker_password()

@@ -1,0 +1,123 @@
+"""Ingest: every message lands or is dropped with a counted reason; a flood costs others nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from llm_ops_helper.controller.alerts import AlertManager
+from llm_ops_helper.controller.config import FleetConfig, RulesConfig
+from llm_ops_helper.controller.fleet import Fleet
+from llm_ops_helper.controller.ingest import Ingest
+from llm_ops_helper.controller.store import Store
+from llm_ops_helper.proto.codec import encode
+from llm_ops_helper.proto.messages import Alert, Event
+from tests.controller.fixtures import gpu, status, telemetry
+
+TOPIC = "llmops/v1/agents/{}/{}"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def ingest(tmp_path: Path) -> Ingest:
+    clock = Clock()
+    sent: list[Alert] = []
+    alerts = AlertManager(Store(tmp_path / "c.db"), [sent.append])
+    ing = Ingest(Fleet(), alerts, None, FleetConfig(max_messages_per_s=5.0, burst=10),
+                 RulesConfig(), monotonic=clock, wall=lambda: 1000.0 + clock.t)
+    ing.clock = clock  # type: ignore[attr-defined]
+    ing.sent = sent  # type: ignore[attr-defined]
+    return ing
+
+
+def send(ingest: Ingest, host: str, kind: str, payload: bytes | msgspec.Struct) -> None:
+    ingest.handle(TOPIC.format(host, kind),
+                  payload if isinstance(payload, bytes) else encode(payload))
+
+
+def test_good_telemetry_updates_the_fleet_and_rules(ingest: Ingest) -> None:
+    send(ingest, "h1", "telemetry", telemetry(gpus=[gpu(0, temperature_c=95.0)]))
+    assert ingest.stats.messages["telemetry"] == 1 and ingest.fleet.hosts["h1"].online
+    assert [a.rule for a in ingest.sent] == ["gpu_temperature_high"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), [
+    ("llmops/v1/agents/h1/telemetry", b"{not json", "not_json"),
+    ("llmops/v1/agents/h1/telemetry", b'{"host": "h1", "seq": "x"}', "schema"),
+    ("llmops/v1/agents/h1/telemetry", b'{"v": 9, "host": "h1", "seq": "x"}',
+     "unsupported_version"),
+    ("llmops/v1/agents/h1/telemetry", b"[" * 5_000_000, "too_large"),
+    ("llmops/v1/agents/h1/bogus", b"{}", "bad_topic"),
+    ("llmops/v1/agents/h+1/telemetry", b"{}", "bad_topic"),
+    ("elsewhere/h1/telemetry", b"{}", "bad_topic"),
+])
+def test_bad_messages_are_dropped_with_their_reason(ingest: Ingest, topic: str,
+                                                    payload: bytes, reason: str) -> None:
+    ingest.handle(topic, payload)
+    assert dict(ingest.stats.dropped) == {reason: 1}
+    assert ingest.fleet.hosts == {}
+
+
+def test_a_payload_claiming_another_host_is_dropped(ingest: Ingest) -> None:
+    send(ingest, "h1", "telemetry", telemetry(host="h2"))
+    send(ingest, "h1", "status", status(host="h2"))
+    send(ingest, "h1", "events", Event(host="h2", ts=1.0, kind="xid", data={"xid": 79}))
+    assert ingest.stats.dropped["host_mismatch"] == 3 and ingest.fleet.hosts == {}
+
+
+def test_duplicates_are_dropped_and_counted(ingest: Ingest) -> None:
+    send(ingest, "h1", "telemetry", telemetry(seq=1))
+    send(ingest, "h1", "telemetry", telemetry(seq=1))
+    assert ingest.stats.dropped["duplicate"] == 1 and ingest.stats.messages["telemetry"] == 1
+
+
+def test_a_flood_from_one_host_is_rate_limited_and_the_others_are_untouched(
+        ingest: Ingest) -> None:
+    clock = ingest.clock  # type: ignore[attr-defined]
+    for second in range(10):
+        clock.t = float(second)
+        for n in range(1000):
+            send(ingest, "noisy", "telemetry", telemetry(host="noisy", seq=second * 1000 + n + 1))
+        send(ingest, "quiet", "telemetry", telemetry(host="quiet", seq=second + 1))
+    # The burst, then the configured rate; everything else counted as rate_limited.
+    assert ingest.fleet.hosts["noisy"].messages == 10 + 9 * 5
+    assert ingest.stats.dropped["rate_limited"] == 10_000 - (10 + 9 * 5)
+    assert ingest.fleet.hosts["quiet"].messages == 10
+    assert ingest.fleet.seq.missing("quiet") == 0
+
+
+def test_lost_host_alerts_and_comes_back(ingest: Ingest) -> None:
+    send(ingest, "h1", "status", status())
+    send(ingest, "h1", "status", status(state="offline", reason="lost"))
+    assert [(a.rule, a.state) for a in ingest.sent] == [  # type: ignore[attr-defined]
+        ("host_offline", "firing")]
+    send(ingest, "h1", "telemetry", telemetry())
+    assert [(a.rule, a.state) for a in ingest.sent][-1] == (  # type: ignore[attr-defined]
+        "host_offline", "resolved")
+
+
+def test_a_silent_host_goes_stale_in_the_sweep(ingest: Ingest) -> None:
+    send(ingest, "h1", "telemetry", telemetry())
+    ingest.clock.t = 3.5  # type: ignore[attr-defined]
+    ingest.sweep()
+    assert not ingest.fleet.hosts["h1"].online
+    assert ingest.fleet.hosts["h1"].offline_reason == "stale"
+    assert ingest.sent[-1].rule == "host_offline"  # type: ignore[attr-defined]
+
+
+def test_a_critical_xid_event_holds_an_alert_until_it_expires(ingest: Ingest) -> None:
+    send(ingest, "h1", "events", Event(host="h1", ts=1000.0, kind="xid", gpu=3,
+                                       data={"xid": 79}, message="XID 79 on GPU 3"))
+    assert ingest.sent[-1].rule == "gpu_xid"  # type: ignore[attr-defined]
+    ingest.clock.t = 1000.0  # wall = 2000 > 1000 + xid_hold_s (600)
+    ingest.sweep()
+    assert ingest.sent[-1].state == "resolved"  # type: ignore[attr-defined]
