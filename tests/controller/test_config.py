@@ -39,5 +39,5 @@ def test_password_comes_from_its_own_file(tmp_path: Path) -> None:
     config = parse('[broker]\nhost = "h"\npassword_file = "pw"\n', str(tmp_path / "c.toml"))
     assert config.broker_password() == "s3cret"
     missing = parse('[broker]\nhost = "h"\npassword_file = "nope"\n', str(tmp_path / "c.toml"))
-    with pytest.raises(ConfigError, match="key 'broker.password_file': cannot read secret file"):
+    with pytest.raises(ConfigError, match=r"key 'broker\.password_file': cannot read secret"):
         missing.broker_password()
