@@ -124,30 +124,35 @@ def _replica_values(r: ReplicaSample, before: ReplicaSample | None) -> list[floa
     ]
 
 
-def snapshot_values(t: Telemetry, before: Telemetry | None) -> tuple[tuple[SeriesInfo, ...],
-                                                                     list[float]]:
-    """Every series of one snapshot, as (which series, in order) and their values."""
-    infos: list[SeriesInfo] = []
+def snapshot_values(t: Telemetry, before: Telemetry | None) -> list[float]:
+    """Every series' value in one snapshot, in the order :func:`snapshot_series` names them."""
     values: list[float] = []
     prev_gpus = {g.index: g for g in before.gpus} if before else {}
     for gpu in t.gpus:
-        infos += [SeriesInfo(t.host, gpu.index, None, n) for n in GPU_SERIES]
         values += _gpu_values(gpu, prev_gpus.get(gpu.index))
+    if (hm := t.host_metrics) is not None:
+        values.append(hm.cpu_pct)
+        values.append(100.0 * hm.memory_used_bytes / hm.memory_total_bytes
+                      if hm.memory_total_bytes else _NAN)
+    if t.replicas:
+        prev_replicas = {r.name: r for r in before.replicas} if before else {}
+        for r in t.replicas:
+            values += _replica_values(r, prev_replicas.get(r.name))
+    return values
+
+
+def snapshot_series(t: Telemetry) -> list[SeriesInfo]:
+    """Which series :func:`snapshot_values` returns, in order (only for a new layout)."""
+    infos = [SeriesInfo(t.host, gpu.index, None, n) for gpu in t.gpus for n in GPU_SERIES]
     if t.host_metrics is not None:
-        hm = t.host_metrics
         infos += [SeriesInfo(t.host, None, None, n) for n in HOST_SERIES]
-        values += [hm.cpu_pct, 100.0 * hm.memory_used_bytes / hm.memory_total_bytes
-                   if hm.memory_total_bytes else _NAN]
-    prev_replicas = {r.name: r for r in before.replicas} if before else {}
-    for r in t.replicas:
-        infos += [SeriesInfo(t.host, None, r.name, n) for n in REPLICA_SERIES]
-        values += _replica_values(r, prev_replicas.get(r.name))
-    return tuple(infos), values
+    infos += [SeriesInfo(t.host, None, r.name, n) for r in t.replicas for n in REPLICA_SERIES]
+    return infos
 
 
 def _layout(t: Telemetry) -> tuple[object, ...]:
-    return (t.host, tuple(g.index for g in t.gpus), t.host_metrics is not None,
-            tuple(r.name for r in t.replicas))
+    return (t.host, *[g.index for g in t.gpus], t.host_metrics is None,
+            *[r.name for r in t.replicas])
 
 
 class Analytics:
@@ -170,10 +175,11 @@ class Analytics:
         self.detections_total = 0
         self.batch_seconds = 0.0
 
-    def _slots_for(self, t: Telemetry, infos: tuple[SeriesInfo, ...]) -> np.ndarray:
+    def _slots_for(self, t: Telemetry) -> np.ndarray:
         layout = _layout(t)
         slots = self._layouts.get(layout)
         if slots is None:
+            infos = snapshot_series(t)
             slots = np.fromiter((self._slot(info) for info in infos), np.int64, len(infos))
             self._layouts[layout] = slots
         return slots
@@ -186,10 +192,10 @@ class Analytics:
         return slot
 
     def add(self, t: Telemetry, before: Telemetry | None) -> None:
-        infos, values = snapshot_values(t, before)
+        values = snapshot_values(t, before)
         if not values:
             return
-        self._slots.append(self._slots_for(t, infos))
+        self._slots.append(self._slots_for(t))
         self._values += values
         self._ts.append((t.ts, len(values)))
 
