@@ -15,7 +15,7 @@ import msgspec
 SCHEMA_VERSION = 1
 
 
-class _Msg(msgspec.Struct, kw_only=True, frozen=True):
+class _Msg(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     pass
 
 

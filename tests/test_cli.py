@@ -25,8 +25,9 @@ def test_demo_prints_status_telemetry_and_stops_cleanly(tmp_path: Path) -> None:
     assert "agent exited with 0; broker stopped" in out
 
 
-def test_controller_stub_says_it_is_not_built_yet() -> None:
-    done = subprocess.run([sys.executable, "-m", "llm_ops_helper.controller"],
+def test_controller_without_its_config_file_exits_78_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    done = subprocess.run([sys.executable, "-m", "llm_ops_helper.controller", "-c", str(missing)],
                           capture_output=True, text=True, timeout=30)
-    assert done.returncode == 69
-    assert "not implemented" in done.stderr
+    assert done.returncode == 78
+    assert f"{missing}: cannot read config file: No such file or directory" in done.stderr
