@@ -33,6 +33,9 @@ GPU_SERIES = ("temperature_c", "power_w", "utilization_pct", "memory_used_pct",
 HOST_SERIES = ("cpu_pct", "memory_used_pct")
 REPLICA_SERIES = ("requests_waiting", "ttft_mean_s", "itl_mean_s", "error_rate")
 _NAN = math.nan
+# A host claiming more series than 64 GPUs and 100 replicas would have is not modelled (counted):
+# one malformed or hostile agent must not grow the detectors without bound.
+MAX_SERIES_PER_HOST = 64 * len(GPU_SERIES) + len(HOST_SERIES) + 100 * len(REPLICA_SERIES)
 # Throttling that counts for the series: heat, power delivery, and the power cap.
 _HELD_BACK = THROTTLE_REASONS | {"sw_power_cap"}
 
@@ -167,7 +170,8 @@ class Analytics:
         self.infos: list[SeriesInfo | None] = [None] * len(bank.keys())
         for slot, key in enumerate(bank.keys()):
             self.infos[slot] = SeriesInfo.parse(key)
-        self._layouts: dict[tuple[object, ...], np.ndarray] = {}
+        self._layouts: dict[str, tuple[tuple[object, ...], np.ndarray]] = {}
+        self.skipped_too_many_series = 0
         self._slots: list[np.ndarray] = []
         self._values: list[float] = []
         self._ts: list[tuple[float, int]] = []
@@ -175,13 +179,17 @@ class Analytics:
         self.detections_total = 0
         self.batch_seconds = 0.0
 
-    def _slots_for(self, t: Telemetry) -> np.ndarray:
+    def _slots_for(self, t: Telemetry) -> np.ndarray | None:
         layout = _layout(t)
-        slots = self._layouts.get(layout)
-        if slots is None:
-            infos = snapshot_series(t)
-            slots = np.fromiter((self._slot(info) for info in infos), np.int64, len(infos))
-            self._layouts[layout] = slots
+        known = self._layouts.get(t.host)
+        if known is not None and known[0] == layout:
+            return known[1]
+        infos = snapshot_series(t)
+        if len(infos) > MAX_SERIES_PER_HOST:
+            self.skipped_too_many_series += 1
+            return None
+        slots = np.fromiter((self._slot(info) for info in infos), np.int64, len(infos))
+        self._layouts[t.host] = (layout, slots)  # one layout per host: its current one
         return slots
 
     def _slot(self, info: SeriesInfo) -> int:
@@ -195,7 +203,10 @@ class Analytics:
         values = snapshot_values(t, before)
         if not values:
             return
-        self._slots.append(self._slots_for(t))
+        slots = self._slots_for(t)
+        if slots is None:
+            return
+        self._slots.append(slots)
         self._values += values
         self._ts.append((t.ts, len(values)))
 

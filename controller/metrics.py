@@ -81,6 +81,9 @@ class ControllerCollector(Collector):
                                       value=a.detections_total)
             yield GaugeMetricFamily("llmops_analytics_series", "Series with a detector",
                                     value=len(a.bank.keys()))
+            yield CounterMetricFamily("llmops_analytics_skipped_snapshots",
+                                      "Snapshots not modelled: more series than a host can have",
+                                      value=a.skipped_too_many_series)
             yield GaugeMetricFamily("llmops_analytics_batch_seconds",
                                     "Duration of the last scoring batch", value=a.batch_seconds)
 

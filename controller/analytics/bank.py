@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from llm_ops_helper.controller.analytics import patterns
 from llm_ops_helper.controller.analytics.detector import (
     FEATURES,
     FLOAT_STATE,
@@ -32,7 +33,7 @@ from llm_ops_helper.controller.analytics.detector import (
 
 DEFAULT_PARAMS = DetectorParams()
 FORMAT = "llmops-detector-bank"
-VERSION = 1
+VERSION = 2
 
 
 class BankFileError(ValueError):
@@ -44,9 +45,10 @@ class BatchResult:
     """Arrays aligned with the `DetectorBank.update` input."""
 
     score: FloatArray
-    """In [0, 1]; 0.5 is a one-in-1e5 surprise for this series, 0.75 one in 1e10."""
+    """In [0, 1]; 0.5 is a one-in-1e5 surprise for this series, 0.75 one in 1e10; 0 for
+    ``refractory`` samples after a detection (the anomaly has been reported)."""
     is_anomaly: BoolArray
-    """The alert decision: score >= threshold while the series is armed (see refractory)."""
+    """The alert decision: score >= threshold."""
     feature: IntArray
     """Index into `DetectorBank.FEATURES`: what drove the score."""
     expected: FloatArray
@@ -116,6 +118,7 @@ class DetectorBank:
         n = len(self._keys)
         arrays: dict[str, Any] = {name: arr[:n] for table in (self._state.floats, self._state.ints)
                                   for name, arr in table.items()}
+        arrays["table"] = self._state.table[:n]
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -139,6 +142,7 @@ class DetectorBank:
                     raise BankFileError(f"{path}: detector bank format version "
                                         f"{meta.get('version')!r}, this code reads {VERSION}")
                 arrays = {k: np.array(data[k]) for k in (*FLOAT_STATE, *INT_STATE)}
+                table = np.array(data["table"])
             keys = [str(k) for k in meta["keys"]]
             params = _params_from(meta["params"])
         except BankFileError:
@@ -147,13 +151,15 @@ class DetectorBank:
             raise BankFileError(f"{path}: detector bank file not found") from None
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise BankFileError(f"{path}: cannot read detector bank: {exc}") from None
-        if any(len(a) != len(keys) for a in arrays.values()):
+        if any(len(a) != len(keys) for a in arrays.values()) or table.shape != (
+                len(keys), patterns.TABLE_BYTES) or table.dtype != np.uint8:
             raise BankFileError(f"{path}: state arrays do not match the {len(keys)} keys")
         bank = cls(params, capacity=max(len(keys), 1))
         for k in FLOAT_STATE:
             bank._state.floats[k][: len(keys)] = arrays[k]
         for k in INT_STATE:
             bank._state.ints[k][: len(keys)] = arrays[k]
+        bank._state.table[: len(keys)] = table
         bank._keys = keys
         bank._index = {k: i for i, k in enumerate(keys)}
         if len(bank._index) != len(keys):

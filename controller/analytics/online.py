@@ -11,16 +11,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from river import base
 
+from llm_ops_helper.controller.analytics import patterns
 from llm_ops_helper.controller.analytics.detector import (
     FLOAT_STATE,
     INT_STATE,
     DetectorParams,
     Evaluation,
-    ScalarOps,
     score_and_learn,
 )
+from llm_ops_helper.controller.analytics.ops import ScalarOps
 
 _DEFAULTS = DetectorParams()
 
@@ -39,6 +41,7 @@ class OnlineDetector(base.AnomalyDetector):
         fast_span: float = _DEFAULTS.fast_span,
         likelihood_span: float = _DEFAULTS.likelihood_span,
         short_span: float = _DEFAULTS.short_span,
+        flat_span: float = _DEFAULTS.flat_span,
         warmup: int = _DEFAULTS.warmup,
         rel_floor: float = _DEFAULTS.rel_floor,
         winsor: float = _DEFAULTS.winsor,
@@ -50,6 +53,7 @@ class OnlineDetector(base.AnomalyDetector):
         self.fast_span = fast_span
         self.likelihood_span = likelihood_span
         self.short_span = short_span
+        self.flat_span = flat_span
         self.warmup = warmup
         self.rel_floor = rel_floor
         self.winsor = winsor
@@ -58,14 +62,15 @@ class OnlineDetector(base.AnomalyDetector):
         self.feature = feature
         self._params = DetectorParams(
             slow_span=slow_span, fast_span=fast_span, likelihood_span=likelihood_span,
-            short_span=short_span, warmup=warmup, rel_floor=rel_floor, winsor=winsor,
-            threshold=threshold, refractory=refractory)
+            short_span=short_span, flat_span=flat_span, warmup=warmup, rel_floor=rel_floor,
+            winsor=winsor, threshold=threshold, refractory=refractory)
         self._floats: dict[str, Any] = dict.fromkeys(FLOAT_STATE, 0.0)
         self._ints: dict[str, Any] = dict.fromkeys(INT_STATE, 0)
+        self._table = np.zeros(patterns.TABLE_BYTES, np.uint8)
         # score_one's evaluation of the last value, reused by a following learn_one.
         self._pending: tuple[float, Evaluation] | None = None
         self.last_is_anomaly = False
-        """The alert decision of the last learned value (threshold + refractory)."""
+        """The alert decision of the last learned value (its score >= threshold)."""
 
     @classmethod
     def _unit_test_params(cls) -> Any:
@@ -84,7 +89,8 @@ class OnlineDetector(base.AnomalyDetector):
     def _evaluate(self, v: float) -> Evaluation:
         if self._pending is not None and self._pending[0] == v:
             return self._pending[1]
-        e = score_and_learn(ScalarOps, self._floats, self._ints, v, self._params)
+        e = score_and_learn(ScalarOps, self._floats, self._ints, v, self._params,
+                            patterns.RowMemory(self._table))
         self._pending = (v, e)
         return e
 
@@ -100,5 +106,7 @@ class OnlineDetector(base.AnomalyDetector):
             return
         e = self._evaluate(v)
         self._floats, self._ints = e.new_floats, e.new_ints
+        if e.remember:
+            self._table[e.context // patterns.BINS] |= np.uint8(1 << e.context % patterns.BINS)
         self._pending = None
         self.last_is_anomaly = bool(e.is_anomaly)

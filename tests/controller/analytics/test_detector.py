@@ -191,3 +191,77 @@ def test_river_conformance(params: dict[str, float]) -> None:
     # the single numeric feature is used whatever its name; an empty dict is a missing value
     assert OnlineDetector().score_one({"cpu": 3.0}) == 0.0
     assert OnlineDetector().score_one({}) == 0.0
+
+
+def daily(periods: int, seed: int = 0, period: int = 96) -> np.ndarray:
+    """A square daily shape (20 for two thirds of a day, 80 for one third), a little noise."""
+    shape = np.r_[np.full(2 * period // 3, 20.0), np.full(period // 3, 80.0)]
+    return np.tile(shape, periods) + np.random.default_rng(seed).normal(size=periods * period)
+
+
+def test_a_recurring_shape_stops_firing_once_it_has_been_seen() -> None:
+    _, fired = feed(DetectorBank(), "cpu", daily(60))
+    assert not fired[96 * 10:].any()  # every day jumps by 60 deviations of its noise
+
+
+def test_a_novel_shape_in_a_periodic_series_fires() -> None:
+    values = daily(40)
+    day = 96 * 30
+    values[day + 64: day + 96] = 50.0 + np.random.default_rng(1).normal(size=32)  # a dim day
+    _, fired = feed(DetectorBank(), "cpu", values)
+    assert not fired[96 * 10: day + 64].any()
+    assert fired[day + 64: day + 72].any()
+
+
+def test_a_series_that_goes_flat_fires_as_a_flatline() -> None:
+    bank = DetectorBank()
+    slot = bank.slot("exporter")
+    values = np.r_[noisy(1500, seed=2), np.full(100, 50.0)]
+    hits = []
+    for t, v in enumerate(values):
+        r = bank.update(np.array([slot]), np.array([v]))
+        if r.is_anomaly[0]:
+            hits.append((t, DetectorBank.FEATURES[r.feature[0]], r.expected[0]))
+    assert [h for h in hits if h[0] < 1500] == []
+    assert hits and 1500 < hits[0][0] < 1560
+    assert hits[0][1] == "flatline" and 45.0 < hits[0][2] < 55.0
+
+
+def test_a_sparse_counter_sitting_at_zero_is_not_a_flatline() -> None:
+    bank = DetectorBank()
+    slot = bank.slot("errors")
+    values = np.zeros(3000)
+    values[::97] = 5.0  # a periodic burst; flat in between, as it always is
+    for v in values:
+        r = bank.update(np.array([slot]), np.array([v]))
+        assert not (r.is_anomaly[0] and DetectorBank.FEATURES[r.feature[0]] == "flatline")
+
+
+def test_the_score_is_suppressed_for_the_refractory_period_after_a_detection() -> None:
+    params = DetectorParams(refractory=50)
+    bank = DetectorBank(params)
+    values = np.r_[noisy(600), [90.0, 91.0, 89.0], noisy(100, seed=4)]
+    scores, fired = feed(bank, "s", values)
+    assert fired[600] and (scores[601:651] == 0.0).all()
+    assert np.array_equal(fired, scores >= params.threshold)  # the decision is the score
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_a_gross_step_fires_early_in_a_series_life(noise: float) -> None:
+    values = 35.0 + noise * np.random.default_rng(6).normal(size=31)
+    values[30] = 93.0  # a GPU at 35 C for 30 samples, then 93 C
+    bank = DetectorBank()
+    slot = bank.slot("gpu0/temperature")
+    for v in values[:30]:
+        assert not bank.update(np.array([slot]), np.array([v])).is_anomaly[0]
+    r = bank.update(np.array([slot]), np.array([93.0]))
+    assert r.is_anomaly[0] and 30.0 < r.expected[0] < 40.0
+
+
+def test_loading_a_version_1_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "detectors.npz"
+    meta = b'{"format": "llmops-detector-bank", "version": 1}'
+    with path.open("wb") as handle:
+        np.savez(handle, meta=np.frombuffer(meta, np.uint8))
+    with pytest.raises(BankFileError, match=r"detectors\.npz.*version 1, this code reads 2"):
+        DetectorBank.load(path)
