@@ -7,9 +7,11 @@ Two kinds of condition reach the manager:
 - *held* conditions from point events (an XID) or detections (an anomaly), which fire and stay
   firing until ``until`` passes with no new occurrence (``hold`` then ``expire``).
 
-Every transition is written to SQLite before it goes to the sinks, so a restarted controller
-picks up the alerts that were firing, and a sink that is down loses nothing (webhook
-deliveries are rows of their own, retried from the database).
+Transitions are collected and :meth:`AlertManager.commit` (called a few times a second) writes
+them to SQLite in one transaction, then hands them to the sinks: an alert storm across a rack
+costs one commit, not one per alert. A restarted controller picks up the alerts that were
+firing, and a sink that is down loses nothing (webhook deliveries are rows of their own,
+retried from the database).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from llm_ops_helper.controller.rules import Condition
 from llm_ops_helper.controller.store import Store
 from llm_ops_helper.proto.messages import Alert
 
-Sink = Callable[[Alert], None]
+# A sink gets each batch of transitions once they are in SQLite; it must not block.
+Sink = Callable[[list[Alert]], None]
 
 # Which group a persisted alert re-joins after a restart (held rules are not in a group).
 RULE_GROUPS = {"host_offline": "host"}
@@ -43,6 +46,8 @@ class AlertManager:
     firing: dict[str, Alert] = field(default_factory=dict)
     _groups: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     _held: dict[str, float] = field(default_factory=dict)
+    # (alert, hold deadline, whether the sinks should hear of it) since the last commit.
+    _pending: list[tuple[Alert, float | None, bool]] = field(default_factory=list)
     fired_total: int = 0
     resolved_total: int = 0
 
@@ -75,7 +80,7 @@ class AlertManager:
         if condition.key not in self.firing:
             self._fire(condition, ts, until)
         elif until > self._held.get(condition.key, 0.0):
-            self.store.save_alert(self.firing[condition.key], hold_until=until)
+            self._pending.append((self.firing[condition.key], until, False))
         self._held[condition.key] = max(until, self._held.get(condition.key, 0.0))
 
     def expire(self, ts: float) -> None:
@@ -89,8 +94,7 @@ class AlertManager:
                       summary=c.summary, value=c.value, ts=ts, started_at=ts)
         self.firing[c.key] = alert
         self.fired_total += 1
-        self.store.save_alert(alert, hold_until)
-        self._emit(alert)
+        self._pending.append((alert, hold_until, True))
 
     def _resolve(self, key: str, ts: float) -> None:
         alert = self.firing.pop(key, None)
@@ -98,12 +102,18 @@ class AlertManager:
             return
         resolved = msgspec.structs.replace(alert, state="resolved", ts=ts, resolved_at=ts)
         self.resolved_total += 1
-        self.store.save_alert(resolved)
-        self._emit(resolved)
+        self._pending.append((resolved, None, True))
 
-    def _emit(self, alert: Alert) -> None:
+    def commit(self) -> int:
+        """Persist the transitions since the last commit, then send them; how many."""
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, []
+        self.store.save_alerts([(alert, hold) for alert, hold, _ in pending])
+        news = [alert for alert, _, is_news in pending if is_news]
         for sink in self.sinks:
-            sink(alert)
+            sink(news)
+        return len(news)
 
     def counts(self) -> dict[str, int]:
         out = {"info": 0, "warning": 0, "critical": 0}

@@ -81,6 +81,7 @@ class Controller:
             self.state.record(detections)
         for condition, at, until in holds:
             self.state.alerts.hold(condition, until, at)
+        self.state.alerts.commit()
 
     async def _every(self, stop: asyncio.Event, interval: float,
                      work: Callable[[], None]) -> None:

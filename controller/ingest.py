@@ -163,8 +163,10 @@ class Ingest:
         self.alerts.sync(t.host, "host", [condition] if condition else [], ts)
 
     def sweep(self) -> None:
-        """Staleness and held alerts that ran out: run a few times a second."""
+        """Staleness, held alerts that ran out, and the alert transitions since the last sweep
+        written and sent: run a few times a second."""
         wall = self.wall()
         for transition in self.fleet.sweep(self.monotonic(), wall):
             self._host_transition(transition, wall)
         self.alerts.expire(wall)
+        self.alerts.commit()

@@ -27,11 +27,12 @@ log = structlog.get_logger("llmops.controller.alerts")
 _ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
-def log_sink(alert: Alert) -> None:
-    event = "alert_fired" if alert.state == "firing" else "alert_resolved"
-    log.warning(event, alert_id=alert.id, rule=alert.rule, severity=alert.severity,
-                host=alert.host, gpu=alert.gpu, replica=alert.replica, series=alert.series,
-                summary=alert.summary)
+def log_sink(alerts: list[Alert]) -> None:
+    for alert in alerts:
+        event = "alert_fired" if alert.state == "firing" else "alert_resolved"
+        log.warning(event, alert_id=alert.id, rule=alert.rule, severity=alert.severity,
+                    host=alert.host, gpu=alert.gpu, replica=alert.replica, series=alert.series,
+                    summary=alert.summary)
 
 
 class MqttSink:
@@ -42,11 +43,12 @@ class MqttSink:
         self.queue: asyncio.Queue[Alert] = asyncio.Queue(limit)
         self.dropped = 0
 
-    def __call__(self, alert: Alert) -> None:
-        if self.queue.full():
-            self.queue.get_nowait()
-            self.dropped += 1
-        self.queue.put_nowait(alert)
+    def __call__(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            if self.queue.full():
+                self.queue.get_nowait()
+                self.dropped += 1
+            self.queue.put_nowait(alert)
 
 
 def _rfc3339(ts: float | None) -> str:
@@ -87,6 +89,7 @@ def webhook_payload(alerts: list[Alert], external_url: str,
     for item in items[1:]:
         common = {k: v for k, v in common.items() if item["labels"].get(k) == v}
     status = "firing" if any(a.state == "firing" for a in alerts) else "resolved"
+    common_annotations = dict(items[0]["annotations"]) if len(items) == 1 else {}
     return {
         "version": "4",
         "groupKey": '{}:{alertname="' + alerts[0].rule + '"}',
@@ -95,7 +98,7 @@ def webhook_payload(alerts: list[Alert], external_url: str,
         "receiver": receiver,
         "groupLabels": {"alertname": alerts[0].rule},
         "commonLabels": common,
-        "commonAnnotations": {},
+        "commonAnnotations": common_annotations,
         "externalURL": external_url,
         "alerts": items,
     }
@@ -113,9 +116,10 @@ class WebhookSender:
         self.delivered = 0
         self.failures = 0
 
-    def __call__(self, alert: Alert) -> None:
-        self.store.add_delivery(alert, self.name, time.time())
-        self._wake.set()
+    def __call__(self, alerts: list[Alert]) -> None:
+        if alerts:
+            self.store.add_deliveries(alerts, self.name, time.time())
+            self._wake.set()
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
@@ -141,9 +145,9 @@ class WebhookSender:
         return webhook_payload(alerts, self.external_url)
 
     async def _send(self, session: aiohttp.ClientSession, due: list[Delivery]) -> None:
-        # One alert per post for the webhook format: a group is one alert's key here, and
-        # receivers treat each post as one notification.
-        batches = [due] if self.config.format == "alertmanager" else [[d] for d in due]
+        # Alertmanager's API takes any list; a webhook notification is one group, and here a
+        # group is a run of consecutive alerts of one rule and state (order is kept).
+        batches = [due] if self.config.format == "alertmanager" else _groups(due)
         for batch in batches:
             ids = [d.id for d in batch]
             try:
@@ -166,3 +170,15 @@ class WebhookSender:
 
 class _Failed(Exception):
     pass
+
+
+def _groups(due: list[Delivery], limit: int = 100) -> list[list[Delivery]]:
+    out: list[list[Delivery]] = []
+    for d in due:
+        last = out[-1] if out else None
+        if (last is not None and len(last) < limit and last[0].alert.rule == d.alert.rule
+                and last[0].alert.state == d.alert.state):
+            last.append(d)
+        else:
+            out.append([d])
+    return out

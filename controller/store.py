@@ -96,14 +96,18 @@ class Store:
 
     # alerts
 
-    def save_alert(self, alert: Alert, hold_until: float | None = None) -> None:
-        self.db.execute(
-            "INSERT INTO alerts (id, key, state, rule, severity, host, started_at, updated_at,"
-            " hold_until, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE"
-            " SET state=excluded.state, updated_at=excluded.updated_at,"
-            " hold_until=excluded.hold_until, body=excluded.body",
-            (alert.id, alert.key, alert.state, alert.rule, alert.severity, alert.host,
-             alert.started_at or alert.ts, alert.ts, hold_until, _encode(alert)))
+    def save_alerts(self, alerts: list[tuple[Alert, float | None]]) -> None:
+        """Write alert transitions (with their hold deadline) in one transaction."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT INTO alerts (id, key, state, rule, severity, host, started_at,"
+                " updated_at, hold_until, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET state=excluded.state,"
+                " updated_at=excluded.updated_at, hold_until=excluded.hold_until,"
+                " body=excluded.body",
+                [(a.id, a.key, a.state, a.rule, a.severity, a.host, a.started_at or a.ts, a.ts,
+                  hold, _encode(a)) for a, hold in alerts])
 
     def firing(self) -> Iterator[tuple[Alert, float | None]]:
         for body, hold in self.db.execute(
@@ -119,9 +123,12 @@ class Store:
 
     # deliveries
 
-    def add_delivery(self, alert: Alert, sink: str, now: float) -> None:
-        self.db.execute("INSERT INTO deliveries (alert_id, sink, state, body, next_at)"
-                        " VALUES (?, ?, 'pending', ?, ?)", (alert.id, sink, _encode(alert), now))
+    def add_deliveries(self, alerts: list[Alert], sink: str, now: float) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO deliveries (alert_id, sink, state, body, next_at)"
+                                " VALUES (?, ?, 'pending', ?, ?)",
+                                [(a.id, sink, _encode(a), now) for a in alerts])
 
     def due_deliveries(self, sink: str, now: float, limit: int = 100) -> list[Delivery]:
         """The oldest pending deliveries of ``sink``, if the oldest one is due.

@@ -17,7 +17,7 @@ XID = Condition("gpu_xid", "critical", "h1", "XID 79", gpu=0, series="xid79")
 @pytest.fixture
 def manager(tmp_path: Path):
     sent: list[Alert] = []
-    m = AlertManager(Store(tmp_path / "c.db"), [sent.append])
+    m = AlertManager(Store(tmp_path / "c.db"), [sent.extend])
     m.sent = sent  # type: ignore[attr-defined]
     return m
 
@@ -27,6 +27,8 @@ def test_fires_once_while_it_holds_and_resolves_when_it_leaves(manager) -> None:
     manager.sync("h1", "telemetry", [HOT], 2.0)
     manager.sync("h1", "telemetry", [HOT, ECC], 3.0)
     manager.sync("h1", "telemetry", [ECC], 4.0)
+    assert manager.sent == []  # nothing leaves before it is in SQLite
+    assert manager.commit() == 3
     states = [(a.rule, a.state, a.ts) for a in manager.sent]
     assert states == [("gpu_temperature_high", "firing", 1.0),
                       ("gpu_ecc_uncorrected", "firing", 3.0),
@@ -43,6 +45,7 @@ def test_groups_and_hosts_do_not_resolve_each_other(manager) -> None:
     manager.sync("h2", "telemetry", [other], 1.0)
     manager.sync("h1", "host", [], 2.0)
     manager.sync("h2", "telemetry", [], 2.0)
+    manager.commit()
     assert list(manager.firing) == [HOT.key]
 
 
@@ -52,6 +55,8 @@ def test_a_held_alert_fires_once_is_extended_and_expires(manager) -> None:
     manager.expire(12.0)
     assert XID.key in manager.firing
     manager.expire(15.0)
+    assert manager.commit() == 2  # the extension was saved, but it is not news
+    assert manager.store.alerts(state="resolved")[0].rule == "gpu_xid"
     assert [(a.state, a.ts) for a in manager.sent] == [("firing", 1.0), ("resolved", 15.0)]
 
 
@@ -59,6 +64,7 @@ def test_a_re_fire_later_is_a_new_alert_with_a_new_id(manager) -> None:
     manager.sync("h1", "telemetry", [HOT], 1.0)
     manager.sync("h1", "telemetry", [], 2.0)
     manager.sync("h1", "telemetry", [HOT], 3.0)
+    manager.commit()
     assert manager.sent[0].id != manager.sent[2].id
     assert manager.sent[0].key == manager.sent[2].key
 
@@ -68,14 +74,16 @@ def test_a_restarted_manager_resumes_firing_alerts_from_sqlite(tmp_path: Path) -
     first = AlertManager(store)
     first.sync("h1", "telemetry", [HOT], 1.0)
     first.hold(XID, until=100.0, ts=1.0)
+    first.commit()
     store.close()
     sent: list[Alert] = []
-    again = AlertManager(Store(tmp_path / "c.db"), [sent.append])
+    again = AlertManager(Store(tmp_path / "c.db"), [sent.extend])
     assert again.restore() == 2
     again.sync("h1", "telemetry", [HOT], 5.0)  # still hot: no second firing
     assert sent == []
     again.sync("h1", "telemetry", [], 6.0)  # it cooled: the restored alert resolves
     again.expire(100.0)  # the hold survived the restart
+    again.commit()
     assert [(a.rule, a.state) for a in sent] == [("gpu_temperature_high", "resolved"),
                                                  ("gpu_xid", "resolved")]
     history = again.store.alerts(state="resolved")

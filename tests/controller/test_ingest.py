@@ -31,7 +31,7 @@ class Clock:
 def ingest(tmp_path: Path) -> Ingest:
     clock = Clock()
     sent: list[Alert] = []
-    alerts = AlertManager(Store(tmp_path / "c.db"), [sent.append])
+    alerts = AlertManager(Store(tmp_path / "c.db"), [sent.extend])
     ing = Ingest(Fleet(), alerts, None, FleetConfig(max_messages_per_s=5.0, burst=10),
                  RulesConfig(), monotonic=clock, wall=lambda: 1000.0 + clock.t)
     ing.clock = clock  # type: ignore[attr-defined]
@@ -42,6 +42,7 @@ def ingest(tmp_path: Path) -> Ingest:
 def send(ingest: Ingest, host: str, kind: str, payload: bytes | msgspec.Struct) -> None:
     ingest.handle(TOPIC.format(host, kind),
                   payload if isinstance(payload, bytes) else encode(payload))
+    ingest.alerts.commit()
 
 
 def test_good_telemetry_updates_the_fleet_and_rules(ingest: Ingest) -> None:

@@ -77,7 +77,7 @@ async def test_unreachable_webhook_keeps_alerts_in_sqlite_then_delivers_them_in_
                                          retry_max_s=0.2, timeout_s=1.0), store)
     task = asyncio.create_task(sender.run())
     for n in range(3):
-        sender(alert(n))  # returns at once: the caller (ingest) never waits on the network
+        sender([alert(n)])  # returns at once: the caller (ingest) never waits on the network
     await until(lambda: sender.failures >= 2)
     counts = store.delivery_counts()
     assert counts == {(sender.name, "pending"): 3}
@@ -86,8 +86,12 @@ async def test_unreachable_webhook_keeps_alerts_in_sqlite_then_delivers_them_in_
     receiver = Receiver(port, fail_first=1)  # it comes up, answers 503 once, then accepts
     await receiver.start()
     try:
-        await until(lambda: len(receiver.bodies) == 3)
-        assert [b["alerts"][0]["labels"]["gpu"] for b in receiver.bodies] == ["0", "1", "2"]
+        await until(lambda: sum(len(b["alerts"]) for b in receiver.bodies) == 3)
+        # One notification for the run of same-rule alerts, in the order they fired.
+        assert len(receiver.bodies) == 1
+        assert [a["labels"]["gpu"] for a in receiver.bodies[0]["alerts"]] == ["0", "1", "2"]
+        assert receiver.bodies[0]["commonLabels"] == {
+            "alertname": "gpu_xid", "severity": "critical", "source": "llmops", "host": "h1"}
         assert store.delivery_counts() == {(sender.name, "delivered"): 3}
     finally:
         task.cancel()
@@ -103,8 +107,8 @@ async def test_alertmanager_format_posts_the_api_v2_list(tmp_path: Path) -> None
                                          format="alertmanager"), store, "http://dash")
     task = asyncio.create_task(sender.run())
     try:
-        sender(alert(1))
-        sender(alert(1, "resolved"))
+        sender([alert(1)])
+        sender([alert(1, "resolved")])
         await until(lambda: sum(len(b) for b in receiver.bodies) == 2)
         items = [item for body in receiver.bodies for item in body]
         assert all(isinstance(b, list) for b in receiver.bodies)
@@ -118,7 +122,7 @@ async def test_alertmanager_format_posts_the_api_v2_list(tmp_path: Path) -> None
 async def test_pending_deliveries_survive_a_restart(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     config = WebhookConfig(url=f"http://127.0.0.1:{free_port()}/hook")
-    WebhookSender(config, store)(alert(7))
+    WebhookSender(config, store)([alert(7)])
     store.close()
     port = int(config.url.split(":")[2].split("/")[0])
     receiver = Receiver(port)
