@@ -21,6 +21,8 @@ test: lint unit
 
 bench: bootstrap
 	.venv/bin/python bench/agent_overhead.py
+	.venv/bin/python bench/nab.py
+	.venv/bin/python bench/ingest.py
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
