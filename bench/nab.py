@@ -151,11 +151,16 @@ def main() -> None:
                   "dev_files": len(halves["dev"]), "holdout_files": len(halves["holdout"])},
         "params": params.as_dict(),
         "protocol": (
-            "design v2 (pattern memory, recurring-context gate on point evidence, flatline by "
-            "stuck runs, score suppressed for the refractory period): every design choice and "
-            "hyperparameter made on synthetic series and the DEV half only, in 19 DEV "
-            "evaluations (each scoring all three profiles, configured and optimised); HOLDOUT "
-            "and ALL scored once, by this run, with the design frozen, and not iterated on"),
+            "design v3 = v2 plus a per-series schedule of surprising events (an event whose "
+            "onset repeats the last interval between onsets within 1/8, no bigger than the "
+            "last scheduled one by more than 1 nat of raw surprise, has its point evidence "
+            "capped) and flatline runs counted in the series' longest recent stuck run. "
+            "Every design choice and hyperparameter made on synthetic series and the DEV half "
+            "only: 18 DEV evaluations in round 3 (after 19 for v1/v2), each scoring all three "
+            "profiles, configured and optimised. An empirical surprise-history tail (the "
+            "round's first idea) was tried on DEV and dropped. HOLDOUT and ALL scored once "
+            "more by this run with the design frozen: the third look at HOLDOUT (v1, v2, v3), "
+            "not iterated on"),
         "ours": scores(results, decisions, windows, halves),
         "river_HalfSpaceTrees_minmax": scores(hst, None, windows, halves),
         "river_GaussianScorer": scores(gauss, None, windows, halves),

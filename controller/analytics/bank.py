@@ -33,7 +33,7 @@ from llm_ops_helper.controller.analytics.detector import (
 
 DEFAULT_PARAMS = DetectorParams()
 FORMAT = "llmops-detector-bank"
-VERSION = 2
+VERSION = 3
 
 
 class BankFileError(ValueError):

@@ -18,14 +18,17 @@ Four layers, each answering one question:
    this series*? A short exponential mean of the raw surprise is compared with its long-run
    mean and spread; the Gaussian upper tail of that comparison is the point evidence (in
    nats). Series that are always jumpy (ad-exchange prices, spiky CPU) calibrate themselves.
+   A surprising event that recurs on its own period (a cron job's spike, see `schedule`) is
+   capped: the Gaussian would call every occurrence a one-in-1e10 event.
 3. *Pattern* (see `patterns`) — has this series shown this short shape before? A novel context
    in a series that has mostly stopped meeting novel ones is evidence (a Poisson tail); and a
    context it *has* shown, within its usual range, caps the point evidence at about one
    sample in the series' life: a recurring daily jump stops alerting once it has recurred.
 4. *Flatline* — the series stuck (every recent step inside the spread floor) although its
    steps usually are not: a dead exporter repeating its last value, a drop in variability.
-   Its evidence grows with the length of the run, at the rate this series has been stuck
-   before, so a sparse counter that sits at 0 most of the time is no news.
+   Its evidence grows with the length of the run, counted in the series' longest recent
+   run, at the rate this series has been stuck before, so a sparse counter that sits at 0
+   most of the time, or a disk idle for hours every night, is no news.
 5. *Decision* — the largest evidence is log-scaled into the score in [0, 1]; the series fires
    when ``score >= threshold``. After a detection it *reports* score 0 for ``refractory``
    samples, as an SRE's alert de-duplication would: the anomaly has been reported, and its
@@ -44,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_ops_helper.controller.analytics import patterns
+from llm_ops_helper.controller.analytics import patterns, schedule
 from llm_ops_helper.controller.analytics.ops import (
     BoolArray,
     ByteArray,
@@ -124,6 +127,8 @@ FLOAT_STATE: tuple[str, ...] = (
     "novel_rate",  # long-run fraction of novel contexts
     "stuck_rate",  # long-run fraction of samples stuck (flat within the spread floor)
     "onset_rate",  # stuck_rate when the current stuck run began
+    "stuck_len",  # longest recent stuck run, decaying over likelihood_span
+    "onset_raw",  # raw surprise at the onset of the last scheduled event
 )
 INT_STATE: tuple[str, ...] = (
     "count",  # values learned
@@ -131,6 +136,10 @@ INT_STATE: tuple[str, ...] = (
     "history",  # the last CONTEXT - 1 bins, as a base-BINS number
     "novel_flags",  # bit j: the context j samples ago was novel
     "stuck_run",  # consecutive samples stuck
+    "event_last",  # count at the last surprising sample
+    "period_at",  # count at the onset of the last event that set the schedule
+    "period",  # samples between scheduled event onsets; 0 while unknown
+    "event_scheduled",  # 1 if the current (or last) event came on schedule
 )
 
 
@@ -220,8 +229,9 @@ def score_and_learn(o: type[Ops], f: dict[str, Any], i: dict[str, Any], x: Any,
     sq_trend = o.minimum(r_trend * r_trend, w2 * s2_trend)
     # Flatline: every step of the last ~flat_span within the spread floor, in a series whose
     # steps usually are not. How rare being stuck is comes from the series' own history (a
-    # sparse counter sits at 0 most of the time: no news); each further flat_span samples
-    # stuck is taken as one more independent trial at that rate.
+    # sparse counter sits at 0 most of the time: no news); each further stretch as long as
+    # its longest recent run (at least flat_span samples) is one more independent trial at
+    # that rate: a disk idle for hours every night is not flat news after an hour.
     a_flat = o.maximum(_rate(p.flat_span), 1.0 / o.maximum(count, 1.0))
     short_step_var = o.where(first, 0.0, f["short_step_var"] + a_flat * (sq_change
                                                                          - f["short_step_var"]))
@@ -229,7 +239,8 @@ def score_and_learn(o: type[Ops], f: dict[str, Any], i: dict[str, Any], x: Any,
     stuck_run = o.where(stuck, i["stuck_run"] + 1, 0)
     # The rate as it was when this run began: a long run must not teach itself to be usual.
     onset_rate = o.where(stuck_run == 1, f["stuck_rate"], f["onset_rate"])
-    flat_tail = stuck_run / p.flat_span * -o.log(o.maximum(onset_rate, 1.0 / p.likelihood_span))
+    trial = o.maximum(f["stuck_len"], p.flat_span)
+    flat_tail = stuck_run / trial * -o.log(o.maximum(onset_rate, 1.0 / p.likelihood_span))
 
     feature = o.where(z_change > z_level, 1, 0)
     zmax = o.maximum(z_level, z_change)
@@ -243,6 +254,11 @@ def score_and_learn(o: type[Ops], f: dict[str, Any], i: dict[str, Any], x: Any,
     raw_mean, raw_var = f["raw_mean"], f["raw_var"]
     zl = o.maximum((raw_short - raw_mean) / o.sqrt(o.maximum(raw_var, 1e-4)), 0.0)
     point_tail = _gaussian_tail(o, zl)
+    # A surprising event on its own schedule (see `schedule`) is capped as a recurring context
+    # is below: about as rare as one sample in the series' life.
+    event = (count >= p.warmup) & (point_tail >= -_TAIL_HALF * math.log1p(-p.threshold))
+    sched = schedule.track(o, event, raw_short, count, f, i)
+    point_tail = o.where(sched.scheduled, o.minimum(point_tail, o.log(count + 1.0)), point_tail)
 
     # 3. Pattern: is the context (last CONTEXT - 1 bins, and this one) new to this series?
     # The rate of novel contexts is floored at one per likelihood_span: the detector cannot
@@ -303,7 +319,10 @@ def score_and_learn(o: type[Ops], f: dict[str, Any], i: dict[str, Any], x: Any,
         "raw_var": (1.0 - a_raw) * (raw_var + a_raw * d_raw * d_raw),
         "stuck_rate": f["stuck_rate"] + a_raw * (o.where(stuck, 1.0, 0.0) - f["stuck_rate"]),
         "onset_rate": onset_rate,
+        "stuck_len": o.maximum(f["stuck_len"] * (1.0 - _rate(p.likelihood_span)),
+                               o.where(stuck, 0, i["stuck_run"])),
         "novel_rate": novel_rate + a_raw * (novel - novel_rate),
+        "onset_raw": sched.onset_raw,
     }
     context = history * patterns.BINS + b
     new_ints = {
@@ -312,6 +331,10 @@ def score_and_learn(o: type[Ops], f: dict[str, Any], i: dict[str, Any], x: Any,
         "history": context % patterns.TABLE_BYTES,
         "novel_flags": flags,
         "stuck_run": stuck_run,
+        "event_last": sched.event_last,
+        "period_at": sched.period_at,
+        "period": sched.period,
+        "event_scheduled": sched.event_scheduled,
     }
     return Evaluation(score=score, is_anomaly=fire, feature=feature, expected=expected,
                       new_floats=new_floats, new_ints=new_ints, context=context,

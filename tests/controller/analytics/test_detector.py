@@ -263,5 +263,32 @@ def test_loading_a_version_1_file_names_the_file(tmp_path: Path) -> None:
     meta = b'{"format": "llmops-detector-bank", "version": 1}'
     with path.open("wb") as handle:
         np.savez(handle, meta=np.frombuffer(meta, np.uint8))
-    with pytest.raises(BankFileError, match=r"detectors\.npz.*version 1, this code reads 2"):
+    with pytest.raises(BankFileError, match=r"detectors\.npz.*version 1, this code reads 3"):
         DetectorBank.load(path)
+
+
+def cron(periods: int, period: int = 200, height: float = 40.0) -> np.ndarray:
+    """Noise around 50 with a one-sample spike of ``height`` deviations every ``period``."""
+    values = noisy(periods * period, seed=7)
+    values[period - 1:: period] += height
+    return values
+
+
+def test_a_periodic_spike_stops_firing_but_a_bigger_or_unscheduled_one_fires() -> None:
+    values = cron(30)
+    values[200 * 20 - 1] += 200.0  # a job that suddenly does six times as much
+    values[200 * 25 + 99] += 40.0  # the usual spike, half a period off its schedule
+    _, fired = feed(DetectorBank(), "host/disk_write", values)
+    spikes = np.flatnonzero(fired)
+    assert set(spikes) <= set(range(199, 6000, 200)) | {200 * 25 + 99}
+    assert all(t < 200 * 4 for t in spikes if t < 200 * 19)  # only the first few
+    assert 200 * 20 - 1 in spikes and 200 * 25 + 99 in spikes
+
+
+def test_a_periodic_spike_keeps_firing_without_the_schedule() -> None:
+    """The same series fires at every spike when they come at irregular times."""
+    values = noisy(6000, seed=7)
+    at = np.cumsum(np.random.default_rng(8).integers(100, 400, size=20))
+    values[at[at < 6000]] += 40.0
+    _, fired = feed(DetectorBank(), "host/disk_write", values)
+    assert fired[at[at < 6000]][5:].sum() >= 5
