@@ -34,6 +34,9 @@ class Controller:
         self.link = ControllerLink(config.broker, state.ingest.handle, state.mqtt_alerts,
                                    password=config.broker_password())
         state.link_connected = lambda: self.link.connected
+        state.link_counters = lambda: {
+            "connects": self.link.connects, "internal_errors": self.link.internal_errors,
+            "alert_publish_failures": self.link.alert_publish_failures}
         self.http_port: int | None = None
 
     async def run(self, stop: asyncio.Event) -> None:

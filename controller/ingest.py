@@ -50,7 +50,8 @@ class TokenBucket:
 class IngestStats:
     messages: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
-    # Age of the newest snapshot handled (now - its ts): grows if ingest falls behind.
+    # How far behind ingest runs: the age (now - ts) of the freshest snapshot handled over the
+    # last sweep interval. The minimum, so one agent with a slow clock does not count.
     lag_s: float = 0.0
 
 
@@ -70,6 +71,7 @@ class Ingest:
         self._buckets: dict[str, TokenBucket] = {}
         self._rule_state: dict[str, HostRuleState] = {}
         self._logged: set[tuple[str, str]] = set()
+        self._freshest: float | None = None
 
     def handle(self, topic: str, payload: bytes) -> None:
         if not topic.startswith(_AGENTS):
@@ -124,7 +126,9 @@ class Ingest:
         if verdict is Verdict.DUPLICATE:
             return self._drop("duplicate", host, f"seq {t.seq} of run {t.run_id} seen before")
         self.stats.messages["telemetry"] += 1
-        self.stats.lag_s = wall - t.ts
+        age = wall - t.ts
+        if self._freshest is None or age < self._freshest:
+            self._freshest = age
         if transition is not None:
             self._host_transition(transition, t.ts)
         if verdict is Verdict.LATE:
@@ -166,7 +170,11 @@ class Ingest:
         """Staleness, held alerts that ran out, and the alert transitions since the last sweep
         written and sent: run a few times a second."""
         wall = self.wall()
-        for transition in self.fleet.sweep(self.monotonic(), wall):
+        if self._freshest is not None:
+            self.stats.lag_s, self._freshest = max(0.0, self._freshest), None
+        # When ingest itself runs behind (a backlog after a restart, a burst), silence is judged
+        # as of the data it has reached, or every host would flap offline and back.
+        for transition in self.fleet.sweep(self.monotonic() - self.stats.lag_s, wall):
             self._host_transition(transition, wall)
         self.alerts.expire(wall)
         self.alerts.commit()

@@ -4,6 +4,12 @@ A persistent session (``clean_start=False`` with a session expiry) makes the bro
 arrives while the controller restarts; retained statuses tell a fresh controller which hosts
 exist and which are offline. Connection loss ends the session; the outer loop reconnects with
 jittered exponential backoff, forever, until stop.
+
+Flow control: each message is acknowledged only after ingest has handled it, and the CONNECT
+asks for at most :data:`RECEIVE_MAXIMUM` unacknowledged messages in flight. A backlog therefore
+waits in the broker (which persists it), not in this process's memory, and what a crash or a
+dropped session interrupts is delivered again rather than lost (paho would otherwise acknowledge
+each message the moment it is read, before the controller has looked at it).
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from llm_ops_helper.proto.topics import ALERTS, TopicKind, all_agents
 log = structlog.get_logger("llmops.controller.mqtt")
 
 SUBSCRIPTIONS = (TopicKind.STATUS, TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.RESULTS)
+RECEIVE_MAXIMUM = 512
+# An alert publish waits this long for the broker's acknowledgement; a timeout is logged and
+# counted (the alert is in SQLite), never a reason to drop the session and what it carries.
+ALERT_PUBLISH_TIMEOUT_S = 30.0
 
 
 class ControllerLink:
@@ -36,18 +46,22 @@ class ControllerLink:
         self.password = password
         self.connects = 0
         self.connected = False
+        self.internal_errors = 0
+        self.alert_publish_failures = 0
 
     def _client(self) -> aiomqtt.Client:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self.config.session_expiry_s
-        return aiomqtt.Client(
+        properties.ReceiveMaximum = RECEIVE_MAXIMUM
+        client = aiomqtt.Client(
             self.config.host, self.config.port, identifier=self.config.client_id,
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
             keepalive=self.config.keepalive_s, properties=properties,
             username=self.config.username or None, password=self.password,
-            # Messages wait in aiomqtt's queue while a batch is scored: no cap, so none is lost.
-            max_queued_incoming_messages=0,
         )
+        # aiomqtt does not expose paho's manual acknowledgement; its paho client does.
+        client._client.manual_ack_set(True)
+        return client
 
     async def run(self, stop: asyncio.Event) -> None:
         failures = 0
@@ -89,13 +103,25 @@ class ControllerLink:
         log.info("broker_disconnected", reason="shutdown")
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        handle = self.handle
+        handle, paho = self.handle, client._client
         async for message in client.messages:
             payload = message.payload
-            if isinstance(payload, bytes | bytearray):
-                handle(message.topic.value, bytes(payload))
+            try:
+                if isinstance(payload, bytes | bytearray):
+                    handle(message.topic.value, bytes(payload))
+            except Exception:
+                # A bug, not bad input (ingest drops that with a reason): log it and go on, or
+                # the unacknowledged message would come back and kill every session after.
+                self.internal_errors += 1
+                log.exception("ingest_internal_error", topic=message.topic.value)
+            paho.ack(message.mid, message.qos)
 
     async def _publish_alerts(self, client: aiomqtt.Client) -> None:
         while True:
             alert = await self.alerts.queue.get()
-            await client.publish(ALERTS, encode(alert), qos=1)
+            try:
+                await client.publish(ALERTS, encode(alert), qos=1,
+                                     timeout=ALERT_PUBLISH_TIMEOUT_S)
+            except aiomqtt.MqttError as exc:
+                self.alert_publish_failures += 1
+                log.warning("alert_publish_failed", alert_id=alert.id, error=str(exc))

@@ -36,6 +36,8 @@ class ControllerState:
     webhooks: list[WebhookSender] = field(default_factory=list)
     # Set by the daemon to its broker link's state; /healthz reports it.
     link_connected: Callable[[], bool] = field(default_factory=lambda: _never)
+    # The broker link's counters: connects, internal_errors, alert_publish_failures.
+    link_counters: Callable[[], dict[str, int]] = field(default_factory=lambda: dict)
 
     @property
     def detectors_path(self) -> Path:

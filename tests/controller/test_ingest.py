@@ -122,3 +122,22 @@ def test_a_critical_xid_event_holds_an_alert_until_it_expires(ingest: Ingest) ->
     ingest.clock.t = 1000.0  # wall = 2000 > 1000 + xid_hold_s (600)
     ingest.sweep()
     assert ingest.sent[-1].state == "resolved"  # type: ignore[attr-defined]
+
+
+def test_silence_is_judged_as_of_the_data_ingest_has_reached(ingest: Ingest) -> None:
+    clock = ingest.clock  # type: ignore[attr-defined]
+    send(ingest, "h1", "telemetry", telemetry(host="h1", ts=1000.0))
+    ingest.sweep()
+    # Ten seconds later ingest is still working through a backlog: h2's snapshot from 0.5 s
+    # after h1's arrives now. h1 is not silent; the controller is behind.
+    clock.t = 10.0
+    send(ingest, "h2", "telemetry", telemetry(host="h2", ts=1000.5))
+    ingest.sweep()
+    assert ingest.stats.lag_s == 9.5
+    assert ingest.fleet.hosts["h1"].online
+    # Caught up, and h1 still says nothing while h2 does: now h1 is stale.
+    clock.t = 14.0
+    send(ingest, "h2", "telemetry", telemetry(host="h2", seq=2, ts=1014.0))
+    ingest.sweep()
+    assert ingest.stats.lag_s == 0.0
+    assert not ingest.fleet.hosts["h1"].online and ingest.fleet.hosts["h2"].online
