@@ -147,8 +147,10 @@ class Fleet:
         return {"online": online, "offline": len(self.hosts) - online}
 
 
+# Counters every runtime mapping has; a server that restarted starts them again from zero.
+_RESTART_COUNTERS = ("requests_finished_total", "prompt_tokens_total", "generation_tokens_total")
+
+
 def _counters_reset(before: ReplicaSample, after: ReplicaSample) -> bool:
-    for name, value in after.metrics.items():
-        if name.endswith("_total") and value < before.metrics.get(name, 0.0):
-            return True
-    return False
+    now, then = after.metrics, before.metrics
+    return any(name in now and now[name] < then.get(name, 0.0) for name in _RESTART_COUNTERS)
