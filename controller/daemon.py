@@ -23,7 +23,7 @@ from llm_ops_helper.systemd_notify import Notifier
 
 log = structlog.get_logger("llmops.controller")
 
-SWEEP_INTERVAL_S = 0.5
+SWEEP_INTERVAL_S = 0.25
 
 
 class Controller:
@@ -57,8 +57,7 @@ class Controller:
                 if self.state.analytics is not None:
                     tg.create_task(self._every(stop, config.detection.batch_interval_s,
                                                self.score))
-                    tg.create_task(self._every(stop, config.state.checkpoint_interval_s,
-                                               self.state.checkpoint))
+                    tg.create_task(self._checkpoints(stop, config.state.checkpoint_interval_s))
                 senders = [tg.create_task(w.run()) for w in self.state.webhooks]
                 await stop.wait()
                 for task in senders:
@@ -85,6 +84,14 @@ class Controller:
         for condition, at, until in holds:
             self.state.alerts.hold(condition, until, at)
         self.state.alerts.commit()
+
+    async def _checkpoints(self, stop: asyncio.Event, interval: float) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+            if not stop.is_set():
+                await self.state.checkpoint_in_background()
 
     async def _every(self, stop: asyncio.Event, interval: float,
                      work: Callable[[], None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,12 @@ class ControllerState:
     def checkpoint(self) -> None:
         if self.analytics is not None:
             self.analytics.save(self.detectors_path)
+
+    async def checkpoint_in_background(self) -> None:
+        """Copy the detector state now; write it (an fsync'd file) in a worker thread."""
+        if self.analytics is not None:
+            write = self.analytics.bank.snapshot()
+            await asyncio.to_thread(write, self.detectors_path)
 
 
 def _never() -> bool:

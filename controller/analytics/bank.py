@@ -7,9 +7,11 @@ saved atomically in a versioned file so a restarted controller does not re-learn
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -113,22 +115,23 @@ class DetectorBank:
 
     def save(self, path: Path) -> None:
         """Write the bank to ``path`` atomically (a temporary file, then ``os.replace``)."""
+        self.snapshot()(path)
+
+    def snapshot(self) -> Callable[[Path], None]:
+        """A copy of the state now, and the function that writes it (``save`` in two halves).
+
+        The copy is quick; the writing (tens of MB for a big fleet, with an fsync) can then run
+        in a worker thread while the bank goes on learning.
+        """
         meta = {"format": FORMAT, "version": VERSION, "params": self.params.as_dict(),
-                "keys": self._keys}
+                "keys": list(self._keys)}
         n = len(self._keys)
-        arrays: dict[str, Any] = {name: arr[:n] for table in (self._state.floats, self._state.ints)
+        arrays: dict[str, Any] = {name: arr[:n].copy()
+                                  for table in (self._state.floats, self._state.ints)
                                   for name, arr in table.items()}
-        arrays["table"] = self._state.table[:n]
+        arrays["table"] = self._state.table[:n].copy()
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with tmp.open("wb") as handle:
-                np.savez(handle, **arrays)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        return functools.partial(_write, arrays=arrays)
 
     @classmethod
     def load(cls, path: Path) -> DetectorBank:
@@ -165,6 +168,18 @@ class DetectorBank:
         if len(bank._index) != len(keys):
             raise BankFileError(f"{path}: duplicate series keys")
         return bank
+
+
+def _write(path: Path, arrays: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _params_from(raw: object) -> DetectorParams:
