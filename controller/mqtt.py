@@ -22,9 +22,9 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from llm_ops_helper.backoff import backoff_delay
 from llm_ops_helper.controller.config import BrokerConfig
 from llm_ops_helper.controller.sinks import MqttSink
+from llm_ops_helper.lifecycle import reconnect_forever
 from llm_ops_helper.proto.codec import encode
 from llm_ops_helper.proto.topics import ALERTS, TopicKind, all_agents
 
@@ -64,27 +64,15 @@ class ControllerLink:
         return client
 
     async def run(self, stop: asyncio.Event) -> None:
-        failures = 0
-        while not stop.is_set():
-            connects = self.connects
-            try:
-                await self._session(stop)
-                return
-            except* aiomqtt.MqttError as group:
-                error = "; ".join(str(e) for e in group.exceptions)
+        def on_error(error: str, delay: float) -> None:
             self.connected = False
-            if self.connects > connects:
-                failures = 0
-            delay = backoff_delay(failures, self.config.reconnect_min_s,
-                                  self.config.reconnect_max_s)
-            failures += 1
             log.warning("broker_unreachable", broker=f"{self.config.host}:{self.config.port}",
                         error=error, retry_in_s=round(delay, 2))
-            try:
-                async with asyncio.timeout(delay):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+
+        await reconnect_forever(lambda: self._session(stop), stop,
+                                low=self.config.reconnect_min_s,
+                                high=self.config.reconnect_max_s,
+                                connects=lambda: self.connects, on_error=on_error)
 
     async def _session(self, stop: asyncio.Event) -> None:
         async with self._client() as client:
