@@ -154,15 +154,21 @@ def snapshot_series(t: Telemetry) -> list[SeriesInfo]:
 
 
 def _layout(t: Telemetry) -> tuple[object, ...]:
-    return (t.host, *[g.index for g in t.gpus], t.host_metrics is None,
+    """What decides which series a snapshot has. The agent reports every GPU it found, in index
+    order (a lost one as unhealthy), so the count and the last index stand for the list."""
+    gpus = t.gpus
+    return (len(gpus), gpus[-1].index if gpus else -1, t.host_metrics is None,
             *[r.name for r in t.replicas])
 
 
 class Analytics:
     def __init__(self, bank: DetectorBank, resolve_after_s: float, recent: int,
                  on_detections: Callable[[list[Detection]], None] | None = None,
-                 silenced: Callable[[SeriesInfo, float], bool] | None = None) -> None:
+                 silenced: Callable[[SeriesInfo, float], bool] | None = None,
+                 alert_after_samples: int = 0) -> None:
         self.bank = bank
+        self.alert_after_samples = alert_after_samples
+        self.learning_detections = 0
         self.resolve_after_s = resolve_after_s
         self.recent: deque[Detection] = deque(maxlen=recent)
         self.on_detections = on_detections
@@ -227,7 +233,12 @@ class Analytics:
         self.samples_total += len(values)
         detections: list[Detection] = []
         holds: list[tuple[Condition, float, float]] = []
-        for i in np.flatnonzero(result.is_anomaly):
+        hits = np.flatnonzero(result.is_anomaly)
+        if hits.size and self.alert_after_samples:
+            young = self.bank.learned(slots[hits]) <= self.alert_after_samples
+            self.learning_detections += int(young.sum())
+            hits = hits[~young]
+        for i in hits:
             info = self.infos[int(slots[i])]
             assert info is not None
             at = float(ts[i])

@@ -66,6 +66,10 @@ class DetectionConfig(_Section, kw_only=True, frozen=True):
     batch_interval_s: Positive = 1.0
     # An anomaly alert resolves after this long without a new detection on its series.
     resolve_after_s: Positive = 300.0
+    # A series raises anomaly alerts only once its model has learned this many samples: a new
+    # host's first minutes are all news to its models (a controller meeting a fleet of 2,000
+    # steady hosts flagged 1.5 per host in its first 30 s). Detections before that are counted.
+    alert_after_samples: Annotated[int, msgspec.Meta(ge=0)] = 300
     # Detections kept in memory for /api/v1/anomalies (all are also in SQLite).
     recent: Annotated[int, msgspec.Meta(ge=1)] = 1000
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import time
 from collections.abc import Callable
 
 import structlog
@@ -24,6 +26,32 @@ from llm_ops_helper.systemd_notify import Notifier
 log = structlog.get_logger("llmops.controller")
 
 SWEEP_INTERVAL_S = 0.25
+GC_FREEZE_INTERVAL_S = 1.0
+GC_FULL_COLLECTION_S = 600.0
+
+
+class GcPolicy:
+    """Keep the cyclic collector off the fleet state.
+
+    Thousands of snapshots a second are decoded, kept a second or two, and dropped: trees that
+    reference counting frees, but every pass of the collector over the older generations
+    walked all of them again (about half the controller's CPU at 2,000 hosts). Once a second,
+    what is alive is moved out of the collector's sight (``gc.freeze``); every ten minutes
+    one full collection over everything finds what formed cycles (tasks, tracebacks) since.
+    (Collecting only by hand, once a second, measured worse: 575 against 514 us a message.)
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.last_full = clock()
+        gc.freeze()
+
+    def tick(self) -> None:
+        if self.clock() - self.last_full >= GC_FULL_COLLECTION_S:
+            gc.unfreeze()
+            gc.collect()
+            self.last_full = self.clock()
+        gc.freeze()
 
 
 class Controller:
@@ -38,6 +66,7 @@ class Controller:
             "connects": self.link.connects, "internal_errors": self.link.internal_errors,
             "alert_publish_failures": self.link.alert_publish_failures}
         self.http_port: int | None = None
+        self._gc = GcPolicy()
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.state.config
@@ -58,6 +87,7 @@ class Controller:
                     tg.create_task(self._every(stop, config.detection.batch_interval_s,
                                                self.score))
                     tg.create_task(self._checkpoints(stop, config.state.checkpoint_interval_s))
+                tg.create_task(self._every(stop, GC_FREEZE_INTERVAL_S, self._gc.tick))
                 senders = [tg.create_task(w.run()) for w in self.state.webhooks]
                 await stop.wait()
                 for task in senders:

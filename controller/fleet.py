@@ -27,6 +27,8 @@ class ReplicaState:
     # Wall time of the last (re)start seen: first seen, came up, or its counters reset.
     started_at: float
     ever_up: bool = False
+    # The last value of its restart counter (see _restart_counter).
+    last_total: float | None = None
     restarts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
 
@@ -112,26 +114,29 @@ class Fleet:
 
     def _track_replicas(self, state: HostState, replicas: list[ReplicaSample],
                         wall: float) -> None:
-        previous = state.previous
-        before = {r.name: r for r in previous.replicas} if previous else {}
+        known = state.replicas
         for sample in replicas:
-            replica = state.replicas.get(sample.name)
+            replica = known.get(sample.name)
+            total = _restart_counter(sample)
             if replica is None:
-                state.replicas[sample.name] = ReplicaState(sample.name, sample.runtime,
-                                                           sample.up, started_at=wall,
-                                                           ever_up=sample.up)
+                known[sample.name] = ReplicaState(sample.name, sample.runtime, sample.up,
+                                                  started_at=wall, ever_up=sample.up,
+                                                  last_total=total)
                 continue
-            last = before.get(sample.name)
             came_back = sample.up and not replica.up and replica.ever_up
-            reset = sample.up and last is not None and _counters_reset(last, sample)
+            # Counters going backwards while it answered: the server restarted in between.
+            reset = sample.up and total is not None and replica.last_total is not None \
+                and total < replica.last_total
             if came_back or reset:
-                # Up again after being up before, or counters went backwards: a restart.
                 replica.started_at = wall
                 replica.restarts.append(wall)
             replica.up = sample.up
             replica.ever_up = replica.ever_up or sample.up
-        for name in state.replicas.keys() - {r.name for r in replicas}:
-            del state.replicas[name]
+            if total is not None:
+                replica.last_total = total
+        if len(known) != len(replicas):
+            for name in known.keys() - {r.name for r in replicas}:
+                del known[name]
 
     def sweep(self, now: float, wall: float) -> list[Transition]:
         """Hosts that turned stale since the last sweep."""
@@ -151,6 +156,11 @@ class Fleet:
 _RESTART_COUNTERS = ("requests_finished_total", "prompt_tokens_total", "generation_tokens_total")
 
 
-def _counters_reset(before: ReplicaSample, after: ReplicaSample) -> bool:
-    now, then = after.metrics, before.metrics
-    return any(name in now and now[name] < then.get(name, 0.0) for name in _RESTART_COUNTERS)
+def _restart_counter(sample: ReplicaSample) -> float | None:
+    """The first restart counter the replica reports (None: it reports none)."""
+    metrics = sample.metrics
+    for name in _RESTART_COUNTERS:
+        value = metrics.get(name)
+        if value is not None:
+            return value
+    return None

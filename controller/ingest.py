@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import structlog
 
@@ -33,6 +34,7 @@ from llm_ops_helper.proto.codec import DecodeError
 from llm_ops_helper.proto.messages import Event, Status, Telemetry
 from llm_ops_helper.proto.sequence import Verdict
 from llm_ops_helper.proto.topics import PREFIX, TopicError, validate_host
+from llm_ops_helper.proto.views import TelemetryTotals
 
 log = structlog.get_logger("llmops.controller.ingest")
 
@@ -73,7 +75,7 @@ class Ingest:
         self._logged: set[tuple[str, str]] = set()
         self._freshest: float | None = None
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes | bytearray) -> None:
         if not topic.startswith(_AGENTS):
             return self._drop("bad_topic", topic, "not under " + _AGENTS)
         host, _, kind = topic[len(_AGENTS):].partition("/")
@@ -88,7 +90,10 @@ class Ingest:
             return self._drop("rate_limited", host, "more telemetry than the host's rate")
         try:
             if kind == "telemetry":
-                self._telemetry(host, codec.decode(payload, Telemetry), now)
+                # The lighter view: every field of Telemetry, histograms with sum and count only
+                # (nothing here reads buckets), so it is used as a Telemetry from here on.
+                snapshot = cast(Telemetry, codec.decode(payload, TelemetryTotals))
+                self._telemetry(host, snapshot, now)
             elif kind == "events":
                 self._event(host, codec.decode(payload, Event))
             elif kind == "status":

@@ -81,6 +81,9 @@ class ControllerCollector(Collector):
                                       value=a.samples_total)
             yield CounterMetricFamily("llmops_anomalies_detected", "Anomaly detections",
                                       value=a.detections_total)
+            yield CounterMetricFamily("llmops_anomalies_while_learning",
+                                      "Detections on series younger than alert_after_samples",
+                                      value=a.learning_detections)
             yield GaugeMetricFamily("llmops_analytics_series", "Series with a detector",
                                     value=len(a.bank.keys()))
             yield CounterMetricFamily("llmops_analytics_skipped_snapshots",

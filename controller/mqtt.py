@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -38,7 +39,7 @@ ALERT_PUBLISH_TIMEOUT_S = 30.0
 
 
 class ControllerLink:
-    def __init__(self, config: BrokerConfig, handle: Callable[[str, bytes], None],
+    def __init__(self, config: BrokerConfig, handle: Callable[[str, bytes | bytearray], None],
                  alerts: MqttSink, password: str | None = None) -> None:
         self.config = config
         self.handle = handle
@@ -77,12 +78,16 @@ class ControllerLink:
     async def _session(self, stop: asyncio.Event) -> None:
         async with self._client() as client:
             self.connects += 1
+            # Straight from paho's read loop (which aiomqtt drives on this event loop) to ingest,
+            # set before subscribing: aiomqtt's iterator costs a task and an asyncio.wait per
+            # message, about as much as everything ingest does with it.
+            client._client.on_message = self._on_message
             await client.subscribe([(all_agents(kind), 1) for kind in SUBSCRIPTIONS])
             self.connected = True
             log.info("broker_connected", broker=f"{self.config.host}:{self.config.port}",
                      connects=self.connects)
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._receive(client)),
+                tasks = [tg.create_task(self._until_disconnected(client)),
                          tg.create_task(self._publish_alerts(client))]
                 await stop.wait()
                 for task in tasks:
@@ -90,19 +95,23 @@ class ControllerLink:
         self.connected = False
         log.info("broker_disconnected", reason="shutdown")
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        handle, paho = self.handle, client._client
-        async for message in client.messages:
-            payload = message.payload
-            try:
-                if isinstance(payload, bytes | bytearray):
-                    handle(message.topic.value, bytes(payload))
-            except Exception:
-                # A bug, not bad input (ingest drops that with a reason): log it and go on, or
-                # the unacknowledged message would come back and kill every session after.
-                self.internal_errors += 1
-                log.exception("ingest_internal_error", topic=message.topic.value)
-            paho.ack(message.mid, message.qos)
+    @staticmethod
+    async def _until_disconnected(client: aiomqtt.Client) -> None:
+        # Messages no longer go through aiomqtt's queue (see _session); its iterator still
+        # raises MqttError when the connection drops, which ends the session.
+        async for _ in client.messages:
+            pass
+
+    def _on_message(self, paho: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        topic = message.topic
+        try:
+            self.handle(topic, message.payload)
+        except Exception:
+            # A bug, not bad input (ingest drops that with a reason): log it and go on, or the
+            # unacknowledged message would come back and kill every session after.
+            self.internal_errors += 1
+            log.exception("ingest_internal_error", topic=topic)
+        paho.ack(message.mid, message.qos)
 
     async def _publish_alerts(self, client: aiomqtt.Client) -> None:
         while True:

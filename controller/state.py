@@ -103,6 +103,7 @@ def build_state(config: ControllerConfig) -> ControllerState:
 
         analytics = Analytics(_load_bank(config.state_dir / DETECTORS_FILE),
                               config.detection.resolve_after_s, config.detection.recent,
-                              silenced=silenced)
+                              silenced=silenced,
+                              alert_after_samples=config.detection.alert_after_samples)
     ingest = Ingest(fleet, alerts, analytics, config.fleet, config.rules)
     return ControllerState(config, store, fleet, alerts, ingest, analytics, mqtt_alerts, webhooks)

@@ -23,6 +23,7 @@ from .messages import (
     Telemetry,
 )
 from .topics import TopicKind
+from .views import TelemetryTotals
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -30,6 +31,7 @@ T = TypeVar("T", bound=msgspec.Struct)
 # leave ample room while keeping a hostile payload from costing memory or CPU.
 MAX_BYTES: Final[dict[type[Any], int]] = {
     Telemetry: 1 << 20,
+    TelemetryTotals: 1 << 20,
     Status: 64 << 10,
     Event: 64 << 10,
     Command: 256 << 10,

@@ -86,6 +86,11 @@ class DetectorBank:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def learned(self, slots: npt.ArrayLike) -> IntArray:
+        """How many values each of ``slots`` has learned (its history, in samples)."""
+        count: IntArray = self._state.ints["count"][np.asarray(slots, dtype=np.int64)]
+        return count
+
     def update(self, slots: npt.ArrayLike, values: npt.ArrayLike) -> BatchResult:
         """Score each (slot, value) before learning it, then learn it.
 

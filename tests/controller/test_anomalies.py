@@ -114,3 +114,16 @@ def test_detector_state_and_series_names_survive_a_checkpoint(tmp_path: Path) ->
     assert restored.infos == analytics.infos
     a, b = run(analytics, [50.0, 99.0], 100), run(restored, [50.0, 99.0], 100)
     assert [(n, d.score) for n, d, _ in a] == [(n, d.score) for n, d, _ in b]
+
+
+def test_a_young_series_does_not_alert_until_its_model_has_learned_enough() -> None:
+    jump = [60.0] * 40 + [92.0]
+    eager = Analytics(DetectorBank(), 300.0, 100)
+    patient = Analytics(DetectorBank(), 300.0, 100, alert_after_samples=100)
+    assert [n for n, d, _ in run(eager, jump) if d.series == "temperature_c"] == [40]
+    assert run(patient, jump) == []
+    assert patient.learning_detections >= 1
+    rng = random.Random(5)
+    # Past the detector's own refractory after that first (silent) detection, and grown up.
+    later = run(patient, [60 + rng.gauss(0, 0.3) for _ in range(200)] + [92.0], start=41)
+    assert [n for n, d, _ in later if d.series == "temperature_c"] == [200]

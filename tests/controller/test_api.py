@@ -18,7 +18,8 @@ from tests.controller.fixtures import gpu, status, telemetry
 
 @pytest.fixture
 async def api(tmp_path: Path):
-    state = build_state(parse(f'[broker]\nhost = "x"\n[state]\ndir = "{tmp_path}"\n', "c.toml"))
+    state = build_state(parse(f'[broker]\nhost = "x"\n[state]\ndir = "{tmp_path}"\n'
+                              '[detection]\nalert_after_samples = 100\n', "c.toml"))
     client = TestClient(TestServer(build_app(state)))
     await client.start_server()
     client.state = state  # type: ignore[attr-defined]
