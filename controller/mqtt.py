@@ -62,6 +62,11 @@ class ControllerLink:
         )
         # aiomqtt does not expose paho's manual acknowledgement; its paho client does.
         client._client.manual_ack_set(True)
+        # Straight from paho's read loop (which aiomqtt drives on this event loop) to ingest,
+        # set before connecting so that a persistent session's backlog, sent right after the
+        # CONNACK, takes the same path: aiomqtt's iterator costs a task and an asyncio.wait per
+        # message, about as much as everything ingest does with it.
+        client._client.on_message = self._on_message
         return client
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -78,10 +83,6 @@ class ControllerLink:
     async def _session(self, stop: asyncio.Event) -> None:
         async with self._client() as client:
             self.connects += 1
-            # Straight from paho's read loop (which aiomqtt drives on this event loop) to ingest,
-            # set before subscribing: aiomqtt's iterator costs a task and an asyncio.wait per
-            # message, about as much as everything ingest does with it.
-            client._client.on_message = self._on_message
             await client.subscribe([(all_agents(kind), 1) for kind in SUBSCRIPTIONS])
             self.connected = True
             log.info("broker_connected", broker=f"{self.config.host}:{self.config.port}",
@@ -95,15 +96,15 @@ class ControllerLink:
         self.connected = False
         log.info("broker_disconnected", reason="shutdown")
 
-    @staticmethod
-    async def _until_disconnected(client: aiomqtt.Client) -> None:
-        # Messages no longer go through aiomqtt's queue (see _session); its iterator still
-        # raises MqttError when the connection drops, which ends the session.
-        async for _ in client.messages:
-            pass
+    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
+        # Messages do not go through aiomqtt's queue (see _client); its iterator still raises
+        # MqttError when the connection drops, which ends the session.
+        async for message in client.messages:  # none, unless aiomqtt changes its wiring
+            self._on_message(client._client, None, message)
 
-    def _on_message(self, paho: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        topic = message.topic
+    def _on_message(self, paho: mqtt.Client, userdata: object,
+                    message: mqtt.MQTTMessage | aiomqtt.Message) -> None:
+        topic = message.topic if isinstance(message.topic, str) else message.topic.value
         try:
             self.handle(topic, message.payload)
         except Exception:
