@@ -108,8 +108,9 @@ class AlertManager:
         """Persist the transitions since the last commit, then send them; how many."""
         if not self._pending:
             return 0
-        pending, self._pending = self._pending, []
-        self.store.save_alerts([(alert, hold) for alert, hold, _ in pending])
+        pending = self._pending
+        self.store.save_alerts([(alert, hold) for alert, hold, _ in pending])  # may raise: kept
+        self._pending = []
         news = [alert for alert, _, is_news in pending if is_news]
         for sink in self.sinks:
             sink(news)

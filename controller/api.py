@@ -138,15 +138,15 @@ async def alerts(request: web.Request) -> web.Response:
     host_name = request.query.get("host")
     alert_id = request.query.get("id")
     found: list[Alert]
-    if wanted == "firing" and alert_id is None:
+    if alert_id is not None:  # the link in notifications: whatever its state now
+        one = state.store.alert(alert_id)
+        found = [one] if one is not None else []
+    elif wanted == "firing":
         found = sorted((a for a in state.alerts.firing.values()
                         if host_name is None or a.host == host_name),
                        key=lambda a: a.started_at or a.ts, reverse=True)[:limit]
     else:
-        found = state.store.alerts(None if wanted == "all" else wanted, host_name,
-                                   limit if alert_id is None else 10_000)
-        if alert_id is not None:
-            found = [a for a in found if a.id == alert_id]
+        found = state.store.alerts(None if wanted == "all" else wanted, host_name, limit)
     return _respond({"alerts": found, "count": len(found)})
 
 

@@ -62,11 +62,14 @@ class Controller:
         self.link = ControllerLink(config.broker, state.ingest.handle, state.mqtt_alerts,
                                    password=config.broker_password())
         state.link_connected = lambda: self.link.connected
+        state.ingest.link_up = lambda: self.link.connected
         state.link_counters = lambda: {
             "connects": self.link.connects, "internal_errors": self.link.internal_errors,
-            "alert_publish_failures": self.link.alert_publish_failures}
+            "alert_publish_failures": self.link.alert_publish_failures,
+            "task_errors": self.task_errors}
         self.http_port: int | None = None
         self._gc = GcPolicy()
+        self.task_errors = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.state.config
@@ -121,7 +124,12 @@ class Controller:
                 async with asyncio.timeout(interval):
                     await stop.wait()
             if not stop.is_set():
-                await self.state.checkpoint_in_background()
+                try:
+                    await self.state.checkpoint_in_background()
+                except OSError as exc:  # a full disk: keep running, say so, try next time
+                    self.task_errors += 1
+                    log.error("checkpoint_failed", path=str(self.state.detectors_path),
+                              error=str(exc))
 
     async def _every(self, stop: asyncio.Event, interval: float,
                      work: Callable[[], None]) -> None:
@@ -130,4 +138,10 @@ class Controller:
                 async with asyncio.timeout(interval):
                     await stop.wait()
             if not stop.is_set():
-                work()
+                try:
+                    work()
+                except Exception:
+                    # A locked or full database, or a bug: one tick lost, logged and counted;
+                    # the daemon and the next tick go on.
+                    self.task_errors += 1
+                    log.exception("periodic_task_failed", task=getattr(work, "__name__", "?"))

@@ -17,6 +17,9 @@ from llm_ops_helper.proto.messages import Event, ReplicaSample, Status, Telemetr
 from llm_ops_helper.proto.sequence import SeqTracker, Verdict
 
 OfflineReason = Literal["shutdown", "lost", "stale"]
+# The shortest silence that makes a host stale, whatever interval it claims: the sweep runs
+# four times a second, and an interval of 0 (or 0.05 s) must not flap a host every sweep.
+MIN_STALE_S = 2.0
 
 
 @dataclass(slots=True)
@@ -142,10 +145,16 @@ class Fleet:
         """Hosts that turned stale since the last sweep."""
         out = []
         for state in self.hosts.values():
-            silent = now - state.last_seen > self.stale_after_intervals * state.interval_s
+            window = max(self.stale_after_intervals * state.interval_s, MIN_STALE_S)
+            silent = now - state.last_seen > window
             if state.online and silent and (t := self._set_offline(state, "stale", wall)):
                 out.append(t)
         return out
+
+    def heard_all(self, now: float) -> None:
+        """Count every host as heard from now (the controller's own link was down)."""
+        for state in self.hosts.values():
+            state.last_seen = max(state.last_seen, now)
 
     def counts(self) -> dict[str, int]:
         online = sum(1 for s in self.hosts.values() if s.online)

@@ -6,11 +6,14 @@ does not fit is dropped with a counted reason, never raised: ``bad_topic`` (not
 ``llmops/v1/agents/{host}/{kind}``), ``rate_limited`` (a host sending far more than its interval
 says: a flood costs the others nothing but this check), the codec's ``too_large``, ``not_json``,
 ``schema``, ``unsupported_version``, ``host_mismatch`` (a payload that claims another host than
-its topic) and ``duplicate`` (a QoS 1 redelivery of a ``seq`` already counted).
+its topic), ``bad_timestamp`` (not finite, or more than a day from the controller's clock: an
+agent sending milliseconds, say) and ``duplicate`` (a QoS 1 redelivery of a ``seq`` already
+counted).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -40,6 +43,13 @@ log = structlog.get_logger("llmops.controller.ingest")
 
 _AGENTS = f"{PREFIX}/agents/"
 KINDS = ("status", "telemetry", "events", "results")
+# Timestamps further than this from the controller's clock are refused (bad_timestamp).
+MAX_CLOCK_SKEW_S = 86_400.0
+# Catching up on a backlog defers staleness by at most this much (a controller clock that runs
+# ahead of the agents' must not switch staleness off).
+MAX_LAG_ALLOWANCE_S = 300.0
+# Distinct hosts (topic names) given a rate-limit bucket; beyond, new names are dropped.
+MAX_HOSTS = 100_000
 
 
 @dataclass
@@ -74,6 +84,9 @@ class Ingest:
         self._rule_state: dict[str, HostRuleState] = {}
         self._logged: set[tuple[str, str]] = set()
         self._freshest: float | None = None
+        # The broker link's state (the daemon sets it); staleness pauses while it is down.
+        self.link_up: Callable[[], bool] = lambda: True
+        self._link_was_down = False
 
     def handle(self, topic: str, payload: bytes | bytearray) -> None:
         if not topic.startswith(_AGENTS):
@@ -86,8 +99,13 @@ class Ingest:
         except TopicError as exc:
             return self._drop("bad_topic", topic, str(exc))
         now = self.monotonic()
-        if not self._admit(host, now):
-            return self._drop("rate_limited", host, "more telemetry than the host's rate")
+        # Telemetry has a bucket of its own: a replayed backlog must not starve a host's
+        # status (its Will) and events, which are few but matter most.
+        bucket = host if kind == "telemetry" else f"{host}/{kind}"
+        if not self._admit(bucket, now):
+            if len(self._buckets) >= MAX_HOSTS:
+                return self._drop("too_many_hosts", host, f"over {MAX_HOSTS} host names seen")
+            return self._drop("rate_limited", host, f"more {kind} than the host's rate")
         try:
             if kind == "telemetry":
                 # The lighter view: every field of Telemetry, histograms with sum and count only
@@ -103,11 +121,13 @@ class Ingest:
         except DecodeError as exc:
             self._drop(exc.reason, host, exc.detail)
 
-    def _admit(self, host: str, now: float) -> bool:
-        bucket = self._buckets.get(host)
+    def _admit(self, key: str, now: float) -> bool:
+        bucket = self._buckets.get(key)
         config = self.fleet_config
         if bucket is None:
-            bucket = self._buckets[host] = TokenBucket(config.burst, now)
+            if len(self._buckets) >= MAX_HOSTS:
+                return False
+            bucket = self._buckets[key] = TokenBucket(config.burst, now)
         bucket.tokens = min(config.burst,
                             bucket.tokens + (now - bucket.last) * config.max_messages_per_s)
         bucket.last = now
@@ -123,10 +143,19 @@ class Ingest:
             self._logged.add((reason, where))
             log.warning("message_dropped", reason=reason, source=where, detail=detail[:300])
 
+    def _bad_ts(self, host: str, ts: float, wall: float) -> bool:
+        if math.isfinite(ts) and abs(ts - wall) <= MAX_CLOCK_SKEW_S:
+            return False
+        self._drop("bad_timestamp", host, f"ts {ts!r} is more than {MAX_CLOCK_SKEW_S:.0f} s "
+                   "from the controller's clock (seconds since the epoch expected)")
+        return True
+
     def _telemetry(self, host: str, t: Telemetry, now: float) -> None:
         if t.host != host:
             return self._drop("host_mismatch", host, f"telemetry names host {t.host!r}")
         wall = self.wall()
+        if self._bad_ts(host, t.ts, wall):
+            return
         verdict, transition = self.fleet.apply_telemetry(t, now, wall)
         if verdict is Verdict.DUPLICATE:
             return self._drop("duplicate", host, f"seq {t.seq} of run {t.run_id} seen before")
@@ -150,6 +179,8 @@ class Ingest:
     def _event(self, host: str, event: Event) -> None:
         if event.host != host:
             return self._drop("host_mismatch", host, f"event names host {event.host!r}")
+        if self._bad_ts(host, event.ts, self.wall()):
+            return
         self.stats.messages["events"] += 1
         state = self.fleet.hosts.get(host)
         if state is not None:
@@ -161,6 +192,8 @@ class Ingest:
     def _status(self, host: str, status: Status, now: float) -> None:
         if status.host != host:
             return self._drop("host_mismatch", host, f"status names host {status.host!r}")
+        if self._bad_ts(host, status.ts, self.wall()):
+            return
         self.stats.messages["status"] += 1
         transition = self.fleet.apply_status(status, now, self.wall())
         if transition is not None:
@@ -174,12 +207,21 @@ class Ingest:
     def sweep(self) -> None:
         """Staleness, held alerts that ran out, and the alert transitions since the last sweep
         written and sent: run a few times a second."""
-        wall = self.wall()
+        wall, now = self.wall(), self.monotonic()
         if self._freshest is not None:
             self.stats.lag_s, self._freshest = max(0.0, self._freshest), None
-        # When ingest itself runs behind (a backlog after a restart, a burst), silence is judged
-        # as of the data it has reached, or every host would flap offline and back.
-        for transition in self.fleet.sweep(self.monotonic() - self.stats.lag_s, wall):
-            self._host_transition(transition, wall)
+        if not self.link_up():
+            # Cut off from the broker, the controller hears nobody: that says nothing about
+            # the hosts. Their silence counts again from the reconnect.
+            self._link_was_down = True
+        else:
+            if self._link_was_down:
+                self.fleet.heard_all(now)
+                self._link_was_down = False
+            # When ingest itself runs behind (a backlog after a restart, a burst), silence is
+            # judged as of the data it has reached, or every host would flap offline and back.
+            behind = min(self.stats.lag_s, MAX_LAG_ALLOWANCE_S)
+            for transition in self.fleet.sweep(now - behind, wall):
+                self._host_transition(transition, wall)
         self.alerts.expire(wall)
         self.alerts.commit()

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from llm_ops_helper.controller.state import ControllerState
 
 # Every reason ingest can drop for, so a reason at zero is still a series (rate() needs it).
-DROP_REASONS = ("bad_topic", "rate_limited", "too_large", "not_json", "schema",
-                "unsupported_version", "host_mismatch", "duplicate")
+DROP_REASONS = ("bad_topic", "rate_limited", "too_many_hosts", "too_large", "not_json", "schema",
+                "unsupported_version", "host_mismatch", "bad_timestamp", "duplicate")
 
 
 class ControllerCollector(Collector):
@@ -57,7 +57,8 @@ class ControllerCollector(Collector):
         link = s.link_counters()
         for name, help_ in (("connects", "Broker sessions opened"),
                             ("internal_errors", "Messages whose handling hit a bug (logged)"),
-                            ("alert_publish_failures", "Alerts not acknowledged on MQTT")):
+                            ("alert_publish_failures", "Alerts not acknowledged on MQTT"),
+                            ("task_errors", "Periodic ticks that failed (logged)")):
             yield CounterMetricFamily(f"llmops_broker_{name}", help_, value=link.get(name, 0))
         hosts = GaugeMetricFamily("llmops_fleet_hosts", "Hosts by state", labels=["state"])
         for name, n in s.fleet.counts().items():

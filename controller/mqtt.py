@@ -104,15 +104,16 @@ class ControllerLink:
 
     def _on_message(self, paho: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage | aiomqtt.Message) -> None:
-        topic = message.topic if isinstance(message.topic, str) else message.topic.value
         try:
+            topic = message.topic if isinstance(message.topic, str) else message.topic.value
             self.handle(topic, message.payload)
         except Exception:
             # A bug, not bad input (ingest drops that with a reason): log it and go on, or the
             # unacknowledged message would come back and kill every session after.
             self.internal_errors += 1
-            log.exception("ingest_internal_error", topic=topic)
-        paho.ack(message.mid, message.qos)
+            log.exception("ingest_internal_error", mid=message.mid)
+        finally:
+            paho.ack(message.mid, message.qos)
 
     async def _publish_alerts(self, client: aiomqtt.Client) -> None:
         while True:

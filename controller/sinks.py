@@ -10,6 +10,7 @@ Alertmanager's JSON (the ``webhook_config`` payload, version 4, or an Alertmanag
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -54,8 +55,11 @@ class MqttSink:
 def _rfc3339(ts: float | None) -> str:
     if ts is None:
         return _ZERO_TIME
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    try:
+        moment = datetime.fromtimestamp(ts, UTC)
+    except (ValueError, OverflowError, OSError):  # ingest refuses such times; be sure anyway
+        return _ZERO_TIME
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def labels(alert: Alert) -> dict[str, str]:
@@ -125,12 +129,16 @@ class WebhookSender:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
-                now = time.time()
-                due = self.store.due_deliveries(self.name, now)
-                if due:
-                    await self._send(session, due)
+                try:
+                    due = self.store.due_deliveries(self.name, time.time())
+                    if due:
+                        await self._send(session, due)
+                        continue
+                    next_at = self.store.next_delivery_at(self.name)
+                except sqlite3.Error as exc:  # a locked or full database: wait, try again
+                    log.error("webhook_store_error", url=self.config.url, error=str(exc))
+                    await asyncio.sleep(self.config.retry_min_s)
                     continue
-                next_at = self.store.next_delivery_at(self.name)
                 self._wake.clear()
                 try:
                     wait = None if next_at is None else max(0.0, next_at - time.time())
@@ -152,6 +160,15 @@ class WebhookSender:
             ids = [d.id for d in batch]
             try:
                 async with session.post(self.config.url, json=self._body(batch)) as response:
+                    if response.status in _PERMANENT:
+                        # The receiver refuses this body and always will: retrying would hold
+                        # every later alert behind it. Kept in SQLite with the reason.
+                        text = (await response.text())[:200]
+                        self.store.failed(ids, f"HTTP {response.status}: {text}")
+                        self.failures += 1
+                        log.error("webhook_refused", url=self.config.url,
+                                  status=response.status, alerts=len(batch), body=text)
+                        continue
                     if response.status >= 300:
                         raise _Failed(f"HTTP {response.status}")
             except (aiohttp.ClientError, TimeoutError, _Failed) as exc:
@@ -170,6 +187,11 @@ class WebhookSender:
 
 class _Failed(Exception):
     pass
+
+
+# 4xx answers that say "this request will never work": bad request, auth, not found, too big.
+# 408 (timeout) and 429 (slow down) are worth retrying, as are 5xx.
+_PERMANENT = frozenset({400, 401, 403, 404, 405, 410, 413, 415, 422})
 
 
 def _groups(due: list[Delivery], limit: int = 100) -> list[list[Delivery]]:

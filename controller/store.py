@@ -19,7 +19,7 @@ from llm_ops_helper.proto.messages import Alert
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
-CREATE TABLE alerts (
+CREATE TABLE IF NOT EXISTS alerts (
     id TEXT PRIMARY KEY,
     key TEXT NOT NULL,
     state TEXT NOT NULL,
@@ -31,9 +31,9 @@ CREATE TABLE alerts (
     hold_until REAL,
     body BLOB NOT NULL
 );
-CREATE INDEX alerts_by_state ON alerts (state, started_at);
-CREATE INDEX alerts_by_host ON alerts (host, started_at);
-CREATE TABLE deliveries (
+CREATE INDEX IF NOT EXISTS alerts_by_state ON alerts (state, started_at);
+CREATE INDEX IF NOT EXISTS alerts_by_host ON alerts (host, started_at);
+CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY,
     alert_id TEXT NOT NULL,
     sink TEXT NOT NULL,
@@ -44,14 +44,14 @@ CREATE TABLE deliveries (
     last_error TEXT,
     delivered_at REAL
 );
-CREATE INDEX deliveries_pending ON deliveries (sink, state, id);
-CREATE TABLE anomalies (
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (sink, state, id);
+CREATE TABLE IF NOT EXISTS anomalies (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
     host TEXT NOT NULL,
     body BLOB NOT NULL
 );
-CREATE INDEX anomalies_by_ts ON anomalies (ts);
+CREATE INDEX IF NOT EXISTS anomalies_by_ts ON anomalies (ts);
 """
 
 _encode = msgspec.json.encode
@@ -81,10 +81,9 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                with self.db:
-                    self.db.execute("BEGIN")
-                    self.db.executescript(_SCHEMA)
-                    self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                # executescript commits first; every statement is idempotent, so a crash
+                # half-way leaves a file the next start completes.
+                self.db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
             elif version != SCHEMA_VERSION:
                 raise StoreError(f"{path}: database schema v{version}; this build reads "
                                  f"v{SCHEMA_VERSION}")
@@ -151,6 +150,15 @@ class Store:
     def delivered(self, ids: list[int], now: float) -> None:
         self.db.executemany("UPDATE deliveries SET state = 'delivered', delivered_at = ?,"
                             " attempts = attempts + 1 WHERE id = ?", [(now, i) for i in ids])
+
+    def failed(self, ids: list[int], error: str) -> None:
+        """Give up on deliveries the receiver refused for good (kept, with the reason)."""
+        self.db.executemany("UPDATE deliveries SET state = 'failed', attempts = attempts + 1,"
+                            " last_error = ? WHERE id = ?", [(error, i) for i in ids])
+
+    def alert(self, alert_id: str) -> Alert | None:
+        row = self.db.execute("SELECT body FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        return _alert.decode(row[0]) if row else None
 
     def retry(self, ids: list[int], error: str, next_at: float) -> None:
         self.db.executemany("UPDATE deliveries SET attempts = attempts + 1, last_error = ?,"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,24 @@ def test_a_restarted_manager_resumes_firing_alerts_from_sqlite(tmp_path: Path) -
 
 
 def test_a_database_from_another_schema_is_refused_with_its_path(tmp_path: Path) -> None:
-    import sqlite3
-
     db = sqlite3.connect(tmp_path / "c.db")
     db.execute("PRAGMA user_version=99")
     db.close()
     with pytest.raises(StoreError, match=r"c\.db: database schema v99; this build reads v1"):
         Store(tmp_path / "c.db")
+
+
+def test_a_failed_commit_keeps_its_transitions_for_the_next(manager, monkeypatch) -> None:
+    manager.sync("h1", "telemetry", [HOT], 1.0)
+    real = manager.store.save_alerts
+
+    def locked(items):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(manager.store, "save_alerts", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        manager.commit()
+    assert manager.sent == []
+    monkeypatch.setattr(manager.store, "save_alerts", real)
+    assert manager.commit() == 1 and manager.sent[0].rule == "gpu_temperature_high"
+    assert manager.store.alert(manager.sent[0].id) == manager.sent[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,12 @@ async def api(tmp_path: Path):
     state.store.close()
 
 
+START = time.time() - 1000.0
+
+
 def feed(state: ControllerState, host: str, temps: list[float]) -> None:
     for n, temp in enumerate(temps):
-        t = telemetry(host=host, seq=n + 1, ts=1000.0 + n, gpus=[gpu(0, temperature_c=temp)])
+        t = telemetry(host=host, seq=n + 1, ts=START + n, gpus=[gpu(0, temperature_c=temp)])
         state.ingest.handle(f"llmops/v1/agents/{host}/telemetry", encode(t))
         assert state.analytics is not None
         detections, holds = state.analytics.flush()
@@ -44,9 +48,9 @@ async def test_hosts_host_alerts_and_anomalies(api: TestClient) -> None:
     state: ControllerState = api.state  # type: ignore[attr-defined]
     rng = random.Random(1)
     feed(state, "gpu-1", [60 + rng.gauss(0, 0.3) for _ in range(200)] + [95.0])
-    state.ingest.handle("llmops/v1/agents/gpu-2/status", encode(status(host="gpu-2")))
+    state.ingest.handle("llmops/v1/agents/gpu-2/status", encode(status(host="gpu-2", ts=START)))
     state.ingest.handle("llmops/v1/agents/gpu-2/status", encode(
-        status(host="gpu-2", state="offline", reason="shutdown")))
+        status(host="gpu-2", state="offline", reason="shutdown", ts=START)))
     state.alerts.commit()
 
     hosts = await (await api.get("/api/v1/hosts")).json()
@@ -67,7 +71,7 @@ async def test_hosts_host_alerts_and_anomalies(api: TestClient) -> None:
     hot = [a for a in anomalies["anomalies"] if a["series"] == "temperature_c"]
     assert hot and hot[0]["value"] == 95.0 and hot[0]["gpu"] == 0
     assert hot[0]["feature"] and "expected about" in hot[0]["summary"]
-    later = await (await api.get("/api/v1/anomalies?since=5000")).json()
+    later = await (await api.get(f"/api/v1/anomalies?since={START + 5000}")).json()
     assert later == {"anomalies": [], "count": 0}
 
 

@@ -141,3 +141,48 @@ def test_silence_is_judged_as_of_the_data_ingest_has_reached(ingest: Ingest) -> 
     ingest.sweep()
     assert ingest.stats.lag_s == 0.0
     assert not ingest.fleet.hosts["h1"].online and ingest.fleet.hosts["h2"].online
+
+
+@pytest.mark.parametrize("ts", [1e12, 1e306, 1000.0 - 2 * 86_400, 1000.0 + 2 * 86_400])
+def test_timestamps_far_from_the_controllers_clock_are_dropped(ingest: Ingest, ts: float) -> None:
+    send(ingest, "h1", "telemetry", telemetry(ts=ts, gpus=[gpu(0, temperature_c=99.0)]))
+    send(ingest, "h1", "events", Event(host="h1", ts=ts, kind="xid", data={"xid": 79}))
+    send(ingest, "h1", "status", status(ts=ts))
+    assert ingest.stats.dropped["bad_timestamp"] == 3
+    assert ingest.fleet.hosts == {} and ingest.sent == []  # type: ignore[attr-defined]
+
+
+def test_a_telemetry_flood_does_not_starve_status_and_events(ingest: Ingest) -> None:
+    for n in range(500):
+        send(ingest, "h1", "telemetry", telemetry(seq=n + 1))
+    send(ingest, "h1", "status", status(state="offline", reason="lost"))
+    send(ingest, "h1", "events", Event(host="h1", ts=1000.0, kind="xid", gpu=0,
+                                       data={"xid": 79}))
+    assert ingest.stats.dropped["rate_limited"] == 500 - 10
+    assert ingest.stats.messages["status"] == 1 and ingest.stats.messages["events"] == 1
+
+
+def test_no_host_goes_stale_while_the_controllers_own_link_is_down(ingest: Ingest) -> None:
+    clock = ingest.clock  # type: ignore[attr-defined]
+    link = {"up": True}
+    ingest.link_up = lambda: link["up"]
+    send(ingest, "h1", "telemetry", telemetry())
+    link["up"] = False
+    clock.t = 60.0
+    ingest.sweep()
+    assert ingest.fleet.hosts["h1"].online
+    link["up"] = True
+    clock.t = 61.0
+    ingest.sweep()
+    assert ingest.fleet.hosts["h1"].online  # silence counts again from the reconnect
+    clock.t = 64.5
+    ingest.sweep()
+    assert not ingest.fleet.hosts["h1"].online
+
+
+def test_a_tiny_claimed_interval_does_not_make_a_host_flap(ingest: Ingest) -> None:
+    clock = ingest.clock  # type: ignore[attr-defined]
+    send(ingest, "h1", "telemetry", telemetry(interval_s=0.0))
+    clock.t = 1.5
+    ingest.sweep()
+    assert ingest.fleet.hosts["h1"].online

@@ -135,3 +135,39 @@ async def test_pending_deliveries_survive_a_restart(tmp_path: Path) -> None:
     finally:
         task.cancel()
         await receiver.stop()
+
+
+async def test_a_refused_alert_is_kept_as_failed_and_does_not_block_the_next(
+        tmp_path: Path) -> None:
+    port = free_port()
+    refused: list[Any] = []
+
+    async def post(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["alerts"][0]["labels"]["gpu"] == "1":
+            refused.append(body)
+            return web.Response(status=400, text="bad label")
+        accepted.append(body)
+        return web.Response()
+
+    accepted: list[Any] = []
+    app = web.Application()
+    app.router.add_post("/hook", post)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    store = Store(tmp_path / "c.db")
+    sender = WebhookSender(WebhookConfig(url=f"http://127.0.0.1:{port}/hook"), store)
+    task = asyncio.create_task(sender.run())
+    try:
+        sender([alert(1)])
+        sender([alert(2, "resolved")])
+        await until(lambda: len(accepted) == 1)
+        assert len(refused) == 1  # not retried: 400 says it never will work
+        assert store.delivery_counts() == {(sender.name, "failed"): 1,
+                                           (sender.name, "delivered"): 1}
+        [row] = store.db.execute("SELECT last_error FROM deliveries WHERE state = 'failed'")
+        assert row[0] == "HTTP 400: bad label"
+    finally:
+        task.cancel()
+        await runner.cleanup()
