@@ -32,6 +32,8 @@ Sink = Callable[[list[Alert]], None]
 # Which group a persisted alert re-joins after a restart (held rules are not in a group).
 RULE_GROUPS = {"host_offline": "host"}
 HELD_RULES = frozenset({"gpu_xid", "anomaly"})
+# Rules that hold only after some history (see AlertManager.restore).
+SETTLING_RULES = frozenset({"gpu_throttled", "replica_down", "replica_restarting"})
 
 
 def alert_id(key: str, started_at: float) -> str:
@@ -50,9 +52,17 @@ class AlertManager:
     _pending: list[tuple[Alert, float | None, bool]] = field(default_factory=list)
     fired_total: int = 0
     resolved_total: int = 0
+    # Restored level alerts that may not resolve before this time (see restore).
+    _restored: dict[str, float] = field(default_factory=dict)
 
-    def restore(self) -> int:
-        """Re-load the alerts that were firing when the controller stopped."""
+    def restore(self, settle_until: float = 0.0) -> int:
+        """Re-load the alerts that were firing when the controller stopped.
+
+        Rules that need a little history (throttling sustained for a while, a replica past its
+        start-up grace) cannot hold again until the restarted controller has seen that much:
+        a restored alert of theirs would resolve on the first snapshot and fire anew. So a
+        restored alert of those rules only resolves once ``settle_until`` has passed.
+        """
         for alert, hold_until in self.store.firing():
             self.firing[alert.key] = alert
             if hold_until is not None:
@@ -60,6 +70,8 @@ class AlertManager:
             elif alert.host is not None:
                 group = RULE_GROUPS.get(alert.rule, "telemetry")
                 self._groups.setdefault((alert.host, group), set()).add(alert.key)
+                if alert.rule in SETTLING_RULES:
+                    self._restored[alert.key] = settle_until
         return len(self.firing)
 
     def sync(self, host: str, group: str, conditions: Iterable[Condition], ts: float) -> None:
@@ -72,6 +84,10 @@ class AlertManager:
         before = self._groups.get((host, group))
         if before:
             for key in before - keys:
+                if key in self._restored and ts < self._restored[key]:
+                    keys.add(key)  # not yet: the rule's history is still being rebuilt
+                    continue
+                self._restored.pop(key, None)
                 self._resolve(key, ts)
         if keys or before:
             self._groups[(host, group)] = keys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,9 @@ def build_state(config: ControllerConfig) -> ControllerState:
     webhooks = [WebhookSender(hook, store, config.alerts.external_url)
                 for hook in config.alerts.webhooks]
     alerts = AlertManager(store, [log_sink, mqtt_alerts, *webhooks])
-    restored = alerts.restore()
+    rules = config.rules
+    restored = alerts.restore(settle_until=time.time() + max(
+        rules.throttle_sustained_s, rules.replica_startup_grace_s))
     if restored:
         log.info("alerts_restored", firing=restored)
     analytics = None

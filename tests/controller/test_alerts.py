@@ -113,3 +113,24 @@ def test_a_failed_commit_keeps_its_transitions_for_the_next(manager, monkeypatch
     monkeypatch.setattr(manager.store, "save_alerts", real)
     assert manager.commit() == 1 and manager.sent[0].rule == "gpu_temperature_high"
     assert manager.store.alert(manager.sent[0].id) == manager.sent[0]
+
+
+def test_a_restored_level_alert_waits_for_its_rule_to_rebuild_its_history(tmp_path: Path) -> None:
+    throttled = Condition("gpu_throttled", "warning", "h1", "GPU 0 throttled", gpu=0)
+    store = Store(tmp_path / "c.db")
+    first = AlertManager(store)
+    first.sync("h1", "telemetry", [throttled], 100.0)
+    first.commit()
+    store.close()
+    sent: list[Alert] = []
+    again = AlertManager(Store(tmp_path / "c.db"), [sent.extend])
+    again.restore(settle_until=230.0)
+    # Right after the restart the rule has not seen 30 s of throttling yet: no condition.
+    again.sync("h1", "telemetry", [], 200.0)
+    again.commit()
+    assert sent == [] and throttled.key in again.firing
+    again.sync("h1", "telemetry", [throttled], 231.0)  # it holds again: still the same alert
+    again.sync("h1", "telemetry", [], 240.0)  # and now it really stopped
+    again.commit()
+    assert [(a.rule, a.state, a.started_at) for a in sent] == [
+        ("gpu_throttled", "resolved", 100.0)]
