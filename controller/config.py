@@ -50,6 +50,9 @@ class StateConfig(_Section, kw_only=True, frozen=True):
     # SQLite database (alerts, anomalies, deliveries) and detector checkpoints live here.
     dir: str = "/var/lib/llmops-controller"
     checkpoint_interval_s: Positive = 60.0
+    # Resolved alerts, finished webhook deliveries and anomaly detections older than this are
+    # deleted (hourly); firing alerts and pending deliveries are kept whatever their age.
+    retention_days: Positive = 30.0
 
 
 class FleetConfig(_Section, kw_only=True, frozen=True):

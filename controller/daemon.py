@@ -27,6 +27,7 @@ log = structlog.get_logger("llmops.controller")
 
 SWEEP_INTERVAL_S = 0.25
 GC_FREEZE_INTERVAL_S = 1.0
+PRUNE_INTERVAL_S = 3600.0
 GC_FULL_COLLECTION_S = 600.0
 
 
@@ -91,6 +92,7 @@ class Controller:
                                                self.score))
                     tg.create_task(self._checkpoints(stop, config.state.checkpoint_interval_s))
                 tg.create_task(self._every(stop, GC_FREEZE_INTERVAL_S, self._gc.tick))
+                tg.create_task(self._every(stop, PRUNE_INTERVAL_S, self._prune))
                 senders = [tg.create_task(w.run()) for w in self.state.webhooks]
                 await stop.wait()
                 for task in senders:
@@ -102,6 +104,12 @@ class Controller:
             await runner.cleanup()
             self.state.store.close()
             log.info("controller_stopped")
+
+    def _prune(self) -> None:
+        days = self.state.config.state.retention_days
+        removed = self.state.store.prune(time.time() - days * 86_400)
+        if removed:
+            log.info("store_pruned", rows=removed, retention_days=days)
 
     def _sweep(self) -> None:
         self.state.ingest.sweep()

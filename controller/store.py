@@ -168,6 +168,18 @@ class Store:
         rows = self.db.execute("SELECT sink, state, COUNT(*) FROM deliveries GROUP BY 1, 2")
         return {(sink, state): n for sink, state, n in rows}
 
+    def prune(self, before: float) -> int:
+        """Forget resolved alerts, finished deliveries and detections older than ``before``.
+
+        Firing alerts and pending deliveries are kept whatever their age.
+        """
+        removed = 0
+        with self.db:
+            self.db.execute("BEGIN")
+            for statement in _prune_sql():
+                removed += self.db.execute(statement, (before,)).rowcount
+        return removed
+
     # anomalies
 
     def add_anomalies(self, rows: list[tuple[float, str, bytes]]) -> None:
@@ -182,6 +194,14 @@ class Store:
         rows = self.db.execute(f"SELECT body FROM anomalies {where} ORDER BY ts DESC LIMIT ?",
                                (*args, limit))
         return [body for (body,) in rows]
+
+
+def _prune_sql() -> tuple[str, ...]:
+    return (
+        "DELETE FROM alerts WHERE state = 'resolved' AND updated_at < ?",
+        "DELETE FROM deliveries WHERE state != 'pending' AND next_at < ?",
+        "DELETE FROM anomalies WHERE ts < ?",
+    )
 
 
 def _filters(*pairs: tuple[str, str | None]) -> tuple[str, list[object]]:

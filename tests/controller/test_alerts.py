@@ -134,3 +134,17 @@ def test_a_restored_level_alert_waits_for_its_rule_to_rebuild_its_history(tmp_pa
     again.commit()
     assert [(a.rule, a.state, a.started_at) for a in sent] == [
         ("gpu_throttled", "resolved", 100.0)]
+
+
+def test_prune_forgets_old_history_but_never_what_is_firing_or_pending(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c.db")
+    manager = AlertManager(store)
+    manager.sync("h1", "telemetry", [HOT, ECC], 1.0)
+    manager.sync("h1", "telemetry", [ECC], 2.0)  # HOT resolves at 2.0; ECC stays firing
+    manager.commit()
+    store.add_deliveries([manager.firing[ECC.key]], "webhook:x", 1.0)  # pending
+    store.add_anomalies([(1.0, "h1", b"{}"), (500.0, "h1", b"{}")])
+    assert store.prune(before=100.0) == 2  # the resolved alert and the old detection
+    assert [a.rule for a in store.alerts()] == ["gpu_ecc_uncorrected"]
+    assert store.delivery_counts() == {("webhook:x", "pending"): 1}
+    assert len(store.anomalies()) == 1
