@@ -175,7 +175,8 @@ class Analytics:
         self.silenced = silenced
         self.infos: list[SeriesInfo | None] = [None] * len(bank.keys())
         for slot, key in enumerate(bank.keys()):
-            self.infos[slot] = SeriesInfo.parse(key)
+            if key:  # "" is a slot freed by forget
+                self.infos[slot] = SeriesInfo.parse(key)
         self._layouts: dict[str, tuple[tuple[object, ...], np.ndarray]] = {}
         self.skipped_too_many_series = 0
         self._slots: list[np.ndarray] = []
@@ -264,6 +265,14 @@ class Analytics:
         return Detection(ts=ts, host=info.host, series=info.name, gpu=info.gpu,
                          replica=info.replica, value=value, expected=expected, score=score,
                          feature=name, summary=summary)
+
+    def forget_host(self, host: str) -> int:
+        """Drop the models of every series of ``host`` (it is gone); how many."""
+        keys = [info.key for info in self.infos if info is not None and info.host == host]
+        for slot in self.bank.forget(keys):
+            self.infos[slot] = None
+        self._layouts.pop(host, None)
+        return len(keys)
 
     def save(self, path: Path) -> None:
         self.bank.save(path)

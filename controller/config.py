@@ -61,6 +61,9 @@ class FleetConfig(_Section, kw_only=True, frozen=True):
     # Telemetry accepted per host per second beyond its interval (a flood is dropped, counted).
     max_messages_per_s: Positive = 20.0
     burst: Annotated[int, msgspec.Meta(ge=1)] = 200
+    # A host offline this long is forgotten: its state, its detectors (they would start afresh
+    # if it came back) and its metrics series. Its alerts and their history stay in SQLite.
+    forget_after_s: Positive = 7 * 86_400.0
 
 
 class DetectionConfig(_Section, kw_only=True, frozen=True):

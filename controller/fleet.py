@@ -151,6 +151,15 @@ class Fleet:
                 out.append(t)
         return out
 
+    def gone(self, wall: float, after_s: float) -> list[str]:
+        """Forget hosts offline for longer than ``after_s``; their names."""
+        names = [s.host for s in self.hosts.values()
+                 if not s.online and s.offline_reason is not None and wall - s.since > after_s]
+        for name in names:
+            del self.hosts[name]
+            self.seq.forget(name)
+        return names
+
     def heard_all(self, now: float) -> None:
         """Count every host as heard from now (the controller's own link was down)."""
         for state in self.hosts.values():

@@ -50,6 +50,8 @@ MAX_CLOCK_SKEW_S = 86_400.0
 MAX_LAG_ALLOWANCE_S = 300.0
 # Distinct hosts (topic names) given a rate-limit bucket; beyond, new names are dropped.
 MAX_HOSTS = 100_000
+# How often hosts offline past fleet.forget_after_s are looked for.
+FORGET_CHECK_S = 60.0
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Ingest:
         # The broker link's state (the daemon sets it); staleness pauses while it is down.
         self.link_up: Callable[[], bool] = lambda: True
         self._link_was_down = False
+        self._last_forget = 0.0
 
     def handle(self, topic: str, payload: bytes | bytearray) -> None:
         if not topic.startswith(_AGENTS):
@@ -225,3 +228,14 @@ class Ingest:
                 self._host_transition(transition, wall)
         self.alerts.expire(wall)
         self.alerts.commit()
+        if wall - self._last_forget >= FORGET_CHECK_S:
+            self._last_forget = wall
+            self._forget(self.fleet.gone(wall, self.fleet_config.forget_after_s))
+
+    def _forget(self, hosts: list[str]) -> None:
+        for host in hosts:
+            self._rule_state.pop(host, None)
+            for key in [k for k in self._buckets if k == host or k.startswith(host + "/")]:
+                del self._buckets[key]
+            series = self.analytics.forget_host(host) if self.analytics is not None else 0
+            log.info("host_forgotten", host=host, series=series)

@@ -86,7 +86,7 @@ class ControllerCollector(Collector):
                                       "Detections on series younger than alert_after_samples",
                                       value=a.learning_detections)
             yield GaugeMetricFamily("llmops_analytics_series", "Series with a detector",
-                                    value=len(a.bank.keys()))
+                                    value=len(a.bank))
             yield CounterMetricFamily("llmops_analytics_skipped_snapshots",
                                       "Snapshots not modelled: more series than a host can have",
                                       value=a.skipped_too_many_series)

@@ -74,7 +74,7 @@ def _load_bank(path: Path) -> DetectorBank:
         bank = DetectorBank.load(path)
     except BankFileError as exc:
         raise ConfigError(f"{exc} (move it aside to start the detectors afresh)") from None
-    log.info("detectors_restored", path=str(path), series=len(bank.keys()))
+    log.info("detectors_restored", path=str(path), series=len(bank))
     return bank
 
 

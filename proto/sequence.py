@@ -56,6 +56,9 @@ class SeqTracker:
         self.duplicates += 1
         return Verdict.DUPLICATE
 
+    def forget(self, host: str) -> None:
+        self._runs.pop(host, None)
+
     def missing(self, host: str) -> int:
         """Seqs of the host's current run not (yet) received, within the window."""
         run = self._runs.get(host)

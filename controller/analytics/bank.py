@@ -66,23 +66,47 @@ class DetectorBank:
     def __init__(self, params: DetectorParams = DEFAULT_PARAMS, capacity: int = 1024) -> None:
         self.params = params
         self._state = State(max(capacity, 1))
-        self._keys: list[str] = []
+        self._keys: list[str] = []  # by slot; "" marks a slot freed by forget()
         self._index: dict[str, int] = {}
+        self._free: list[int] = []
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._index)
 
     def slot(self, key: str) -> int:
         """The slot of series ``key``, allocating one (and growing the arrays) if it is new."""
         found = self._index.get(key)
         if found is not None:
             return found
-        n = len(self._keys)
-        if n >= self._state.capacity:
-            self._state.grow(2 * self._state.capacity)
-        self._keys.append(key)
+        if not key:
+            raise ValueError("a series key must not be empty")
+        if self._free:
+            n = self._free.pop()
+            self._keys[n] = key
+        else:
+            n = len(self._keys)
+            if n >= self._state.capacity:
+                self._state.grow(2 * self._state.capacity)
+            self._keys.append(key)
         self._index[key] = n
         return n
+
+    def forget(self, keys: list[str]) -> list[int]:
+        """Drop the models of ``keys`` (series that are gone); their slots are reused, reset.
+
+        Returns the slots freed. A series that comes back later starts learning afresh.
+        """
+        freed = [self._index.pop(k) for k in keys if k in self._index]
+        if freed:
+            rows = np.asarray(freed, dtype=np.int64)
+            for table in (self._state.floats, self._state.ints):
+                for arr in table.values():
+                    arr[rows] = 0
+            self._state.table[rows] = 0
+            for n in freed:
+                self._keys[n] = ""
+            self._free.extend(freed)
+        return freed
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -170,8 +194,9 @@ class DetectorBank:
             bank._state.ints[k][: len(keys)] = arrays[k]
         bank._state.table[: len(keys)] = table
         bank._keys = keys
-        bank._index = {k: i for i, k in enumerate(keys)}
-        if len(bank._index) != len(keys):
+        bank._index = {k: i for i, k in enumerate(keys) if k}
+        bank._free = [i for i, k in enumerate(keys) if not k]
+        if len(bank._index) + len(bank._free) != len(keys):
             raise BankFileError(f"{path}: duplicate series keys")
         return bank
 

@@ -127,3 +127,23 @@ def test_a_young_series_does_not_alert_until_its_model_has_learned_enough() -> N
     # Past the detector's own refractory after that first (silent) detection, and grown up.
     later = run(patient, [60 + rng.gauss(0, 0.3) for _ in range(200)] + [92.0], start=41)
     assert [n for n, d, _ in later if d.series == "temperature_c"] == [200]
+
+
+def test_a_forgotten_hosts_models_are_dropped_and_their_slots_reused(tmp_path: Path) -> None:
+    analytics = Analytics(DetectorBank(), 300.0, 100)
+    analytics.add(telemetry(host="old", gpus=1), None)
+    analytics.add(telemetry(host="keep", gpus=1), None)
+    analytics.flush()
+    before = len(analytics.bank)
+    series = analytics.forget_host("old")
+    assert series == len(GPU_SERIES) + len(HOST_SERIES)
+    assert len(analytics.bank) == before - series
+    assert all(i is None or i.host == "keep" for i in analytics.infos)
+    analytics.save(tmp_path / "d.npz")  # holes survive a checkpoint
+    restored = Analytics(DetectorBank.load(tmp_path / "d.npz"), 300.0, 100)
+    assert len(restored.bank) == len(analytics.bank)
+    analytics.add(telemetry(host="new", gpus=1), None)
+    analytics.flush()
+    assert len(analytics.bank.keys()) == before  # the freed slots were reused, not appended
+    # Reused slots start afresh: at most this one sample learned (a first ECC rate is NaN).
+    assert max(analytics.bank.learned(analytics._layouts["new"][1]).tolist()) == 1

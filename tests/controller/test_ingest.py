@@ -186,3 +186,19 @@ def test_a_tiny_claimed_interval_does_not_make_a_host_flap(ingest: Ingest) -> No
     clock.t = 1.5
     ingest.sweep()
     assert ingest.fleet.hosts["h1"].online
+
+
+def test_a_host_offline_past_forget_after_is_forgotten(tmp_path: Path) -> None:
+    clock = Clock()
+    ing = Ingest(Fleet(), AlertManager(Store(tmp_path / "f.db")), None,
+                 FleetConfig(forget_after_s=100.0), RulesConfig(), monotonic=clock,
+                 wall=lambda: 1000.0 + clock.t)
+    send(ing, "h1", "telemetry", telemetry())
+    send(ing, "h1", "status", status(state="offline", reason="shutdown"))
+    clock.t = 50.0
+    ing.sweep()
+    assert "h1" in ing.fleet.hosts
+    clock.t = 200.0
+    ing.sweep()
+    assert ing.fleet.hosts == {} and ing.fleet.seq.missing("h1") == 0
+    assert not [k for k in ing._buckets if k.startswith("h1")]
