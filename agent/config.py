@@ -15,19 +15,14 @@ import msgspec
 
 from llm_ops_helper import tomlfile
 from llm_ops_helper.proto.topics import TopicError, validate_host
-from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError
+from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError, Positive, Section
 
 __all__ = ["EX_CONFIG", "AgentConfig", "ConfigError", "load", "parse"]
 
-Positive = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class BrokerConfig(_Section, kw_only=True, frozen=True):
+class BrokerConfig(Section, kw_only=True, frozen=True):
     host: str
     port: Port = 1883
     keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 30
@@ -39,7 +34,7 @@ class BrokerConfig(_Section, kw_only=True, frozen=True):
     reconnect_max_s: Positive = 10.0
 
 
-class TelemetryConfig(_Section, kw_only=True, frozen=True):
+class TelemetryConfig(Section, kw_only=True, frozen=True):
     interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 1.0
     # Snapshots kept while the broker is unreachable, sent oldest first when it returns.
     buffer_s: Annotated[float, msgspec.Meta(ge=0)] = 900.0
@@ -48,19 +43,19 @@ class TelemetryConfig(_Section, kw_only=True, frozen=True):
     collector_timeout_s: Positive | None = None
 
 
-class GpusConfig(_Section, kw_only=True, frozen=True):
+class GpusConfig(Section, kw_only=True, frozen=True):
     backend: Literal["auto", "nvml", "simulated", "none"] = "auto"
     simulated_count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 8
     simulated_profile: str = "a100-sxm4-80gb"
     scenario: str = ""
 
 
-class HostMetricsConfig(_Section, kw_only=True, frozen=True):
+class HostMetricsConfig(Section, kw_only=True, frozen=True):
     enabled: bool = True
     disk_path: str = "/"
 
 
-class ReplicaTarget(_Section, kw_only=True, frozen=True):
+class ReplicaTarget(Section, kw_only=True, frozen=True):
     """A replica to scrape that this agent does not (yet) supervise itself."""
 
     name: str
@@ -68,18 +63,18 @@ class ReplicaTarget(_Section, kw_only=True, frozen=True):
     metrics_url: str
 
 
-class CommandKey(_Section, kw_only=True, frozen=True):
+class CommandKey(Section, kw_only=True, frozen=True):
     id: str
     file: str
 
 
-class CommandsConfig(_Section, kw_only=True, frozen=True):
+class CommandsConfig(Section, kw_only=True, frozen=True):
     keys: list[CommandKey] = []
     max_lifetime_s: Positive = 600.0
     clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
 
-class AgentConfig(_Section, kw_only=True, frozen=True):
+class AgentConfig(Section, kw_only=True, frozen=True):
     host: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     broker: BrokerConfig

@@ -31,7 +31,6 @@ Sink = Callable[[list[Alert]], None]
 
 # Which group a persisted alert re-joins after a restart (held rules are not in a group).
 RULE_GROUPS = {"host_offline": "host"}
-HELD_RULES = frozenset({"gpu_xid", "anomaly"})
 # Rules that hold only after some history (see AlertManager.restore).
 SETTLING_RULES = frozenset({"gpu_throttled", "replica_down", "replica_restarting"})
 

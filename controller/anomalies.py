@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,16 +161,13 @@ def _layout(t: Telemetry) -> tuple[object, ...]:
 
 
 class Analytics:
-    def __init__(self, bank: DetectorBank, resolve_after_s: float, recent: int,
-                 on_detections: Callable[[list[Detection]], None] | None = None,
+    def __init__(self, bank: DetectorBank, resolve_after_s: float,
                  silenced: Callable[[SeriesInfo, float], bool] | None = None,
                  alert_after_samples: int = 0) -> None:
         self.bank = bank
         self.alert_after_samples = alert_after_samples
         self.learning_detections = 0
         self.resolve_after_s = resolve_after_s
-        self.recent: deque[Detection] = deque(maxlen=recent)
-        self.on_detections = on_detections
         self.silenced = silenced
         self.infos: list[SeriesInfo | None] = [None] * len(bank.keys())
         for slot, key in enumerate(bank.keys()):
@@ -217,9 +213,6 @@ class Analytics:
         self._values += values
         self._ts.append((t.ts, len(values)))
 
-    def pending(self) -> int:
-        return len(self._values)
-
     def flush(self) -> tuple[list[Detection], list[tuple[Condition, float, float]]]:
         """Score everything buffered: the detections, and the anomaly alerts to hold as
         (condition, when it was seen, until when it holds)."""
@@ -252,7 +245,6 @@ class Analytics:
                                     replica=info.replica, series=info.name,
                                     value=detection.value, summary=detection.summary),
                           at, at + self.resolve_after_s))
-        self.recent.extend(detections)
         self.detections_total += len(detections)
         self.batch_seconds = time.perf_counter() - started
         return detections, holds

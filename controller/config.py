@@ -14,20 +14,14 @@ import msgspec
 
 from llm_ops_helper import tomlfile
 from llm_ops_helper.proto.messages import CRITICAL_XIDS
-from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError
+from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError, NonNegative, Positive, Section
 
 __all__ = ["EX_CONFIG", "ConfigError", "ControllerConfig", "load", "parse"]
 
-Positive = Annotated[float, msgspec.Meta(gt=0)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: any free port (tests)
 
 
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class BrokerConfig(_Section, kw_only=True, frozen=True):
+class BrokerConfig(Section, kw_only=True, frozen=True):
     host: str
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
     client_id: str = "llmops-controller"
@@ -41,12 +35,12 @@ class BrokerConfig(_Section, kw_only=True, frozen=True):
     reconnect_max_s: Positive = 10.0
 
 
-class HttpConfig(_Section, kw_only=True, frozen=True):
+class HttpConfig(Section, kw_only=True, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8470
 
 
-class StateConfig(_Section, kw_only=True, frozen=True):
+class StateConfig(Section, kw_only=True, frozen=True):
     # SQLite database (alerts, anomalies, deliveries) and detector checkpoints live here.
     dir: str = "/var/lib/llmops-controller"
     checkpoint_interval_s: Positive = 60.0
@@ -55,7 +49,7 @@ class StateConfig(_Section, kw_only=True, frozen=True):
     retention_days: Positive = 30.0
 
 
-class FleetConfig(_Section, kw_only=True, frozen=True):
+class FleetConfig(Section, kw_only=True, frozen=True):
     # A host that sent nothing for this many of its own intervals is offline ("stale").
     stale_after_intervals: Annotated[float, msgspec.Meta(ge=1)] = 3.0
     # Telemetry accepted per host per second beyond its interval (a flood is dropped, counted).
@@ -66,7 +60,7 @@ class FleetConfig(_Section, kw_only=True, frozen=True):
     forget_after_s: Positive = 7 * 86_400.0
 
 
-class DetectionConfig(_Section, kw_only=True, frozen=True):
+class DetectionConfig(Section, kw_only=True, frozen=True):
     enabled: bool = True
     # Samples are scored in batches this often (vectorised across every series).
     batch_interval_s: Positive = 1.0
@@ -76,11 +70,9 @@ class DetectionConfig(_Section, kw_only=True, frozen=True):
     # host's first minutes are all news to its models (a controller meeting a fleet of 2,000
     # steady hosts flagged 1.5 per host in its first 30 s). Detections before that are counted.
     alert_after_samples: Annotated[int, msgspec.Meta(ge=0)] = 300
-    # Detections kept in memory for /api/v1/anomalies (all are also in SQLite).
-    recent: Annotated[int, msgspec.Meta(ge=1)] = 1000
 
 
-class RulesConfig(_Section, kw_only=True, frozen=True):
+class RulesConfig(Section, kw_only=True, frozen=True):
     gpu_temperature_max_c: float = 85.0
     # Thermal or power throttling active this long (seconds of telemetry) raises an alert.
     throttle_sustained_s: NonNegative = 30.0
@@ -93,7 +85,7 @@ class RulesConfig(_Section, kw_only=True, frozen=True):
     replica_startup_grace_s: NonNegative = 120.0
 
 
-class WebhookConfig(_Section, kw_only=True, frozen=True):
+class WebhookConfig(Section, kw_only=True, frozen=True):
     url: str
     # "webhook": Alertmanager's webhook_config payload (version 4), what receivers built for
     # Alertmanager accept. "alertmanager": POST to an Alertmanager's /api/v2/alerts.
@@ -103,13 +95,13 @@ class WebhookConfig(_Section, kw_only=True, frozen=True):
     retry_max_s: Positive = 300.0
 
 
-class AlertsConfig(_Section, kw_only=True, frozen=True):
+class AlertsConfig(Section, kw_only=True, frozen=True):
     webhooks: list[WebhookConfig] = []
     # Where the alerts' generatorURL and the webhook's externalURL point (the dashboard).
     external_url: str = ""
 
 
-class ControllerConfig(_Section, kw_only=True, frozen=True):
+class ControllerConfig(Section, kw_only=True, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     broker: BrokerConfig
     http: HttpConfig = HttpConfig()

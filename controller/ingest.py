@@ -43,6 +43,9 @@ log = structlog.get_logger("llmops.controller.ingest")
 
 _AGENTS = f"{PREFIX}/agents/"
 KINDS = ("status", "telemetry", "events", "results")
+# Every reason handle() drops for: its own, and the codec's.
+DROP_REASONS = ("bad_topic", "rate_limited", "too_many_hosts", *codec.REASONS, "host_mismatch",
+                "bad_timestamp", "duplicate")
 # Timestamps further than this from the controller's clock are refused (bad_timestamp).
 MAX_CLOCK_SKEW_S = 86_400.0
 # Catching up on a backlog defers staleness by at most this much (a controller clock that runs

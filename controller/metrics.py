@@ -17,14 +17,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from llm_ops_helper.controller.ingest import KINDS
+from llm_ops_helper.controller.ingest import DROP_REASONS, KINDS
 
 if TYPE_CHECKING:
     from llm_ops_helper.controller.state import ControllerState
 
-# Every reason ingest can drop for, so a reason at zero is still a series (rate() needs it).
-DROP_REASONS = ("bad_topic", "rate_limited", "too_many_hosts", "too_large", "not_json", "schema",
-                "unsupported_version", "host_mismatch", "bad_timestamp", "duplicate")
 
 
 class ControllerCollector(Collector):
@@ -41,6 +38,7 @@ class ControllerCollector(Collector):
         yield messages
         dropped = CounterMetricFamily("llmops_ingest_dropped", "Messages dropped by reason",
                                       labels=["reason"])
+        # Every reason, at 0 too, so rate() has a series from the start.
         for reason in (*DROP_REASONS, *sorted(set(stats.dropped) - set(DROP_REASONS))):
             dropped.add_metric([reason], stats.dropped[reason])
         yield dropped

@@ -105,7 +105,7 @@ def build_state(config: ControllerConfig) -> ControllerState:
             return replica is not None and ts - replica.started_at < grace
 
         analytics = Analytics(_load_bank(config.state_dir / DETECTORS_FILE),
-                              config.detection.resolve_after_s, config.detection.recent,
+                              config.detection.resolve_after_s,
                               silenced=silenced,
                               alert_after_samples=config.detection.alert_after_samples)
     ingest = Ingest(fleet, alerts, analytics, config.fleet, config.rules)

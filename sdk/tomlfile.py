@@ -14,7 +14,7 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -25,6 +25,14 @@ T = TypeVar("T", bound=msgspec.Struct)
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the key."""
+
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A table of a config file: read-only, and a key it does not know is an error."""
 
 _MESSAGE = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _FIELD = re.compile(r"Object (?P<kind>contains unknown|missing required) field `(?P<field>[^`]+)`")
