@@ -97,6 +97,15 @@ class Histogram(_Msg, kw_only=True, frozen=True):
     buckets: list[tuple[float, float]] = []
 
 
+# A supervised replica's life: pending (accepted) -> fetching (artifact) -> starting (process up,
+# not answering yet) -> ready -> draining (no new requests, in-flight ones finish) -> stopped;
+# failed (with a reason) from any of them: crash loop, ready timeout, fetch error, exits at once.
+ReplicaState = Literal["pending", "fetching", "starting", "ready", "draining", "stopped",
+                       "failed"]
+REPLICA_STATES: tuple[ReplicaState, ...] = ("pending", "fetching", "starting", "ready",
+                                            "draining", "stopped", "failed")
+
+
 class ReplicaSample(_Msg, kw_only=True, frozen=True):
     """One inference-server replica's scraped metrics, under canonical names."""
 
@@ -110,6 +119,22 @@ class ReplicaSample(_Msg, kw_only=True, frozen=True):
     metrics: dict[str, float] = {}
     # Canonical histograms, e.g. ttft_seconds, itl_seconds, e2e_seconds.
     histograms: dict[str, Histogram] = {}
+    # Set for replicas the agent supervises (started by a deploy_replica command); None for
+    # replicas it only scrapes (configured by hand).
+    state: ReplicaState | None = None
+    # Why it is in that state: "exited with code 1: <last log line>", "ready timeout 300 s".
+    reason: str | None = None
+    deployment: str | None = None
+    # The model version it serves, "name@N".
+    version: str | None = None
+    # Base URL of its OpenAI-compatible API (what the gateway and clients call).
+    url: str | None = None
+    gpus: list[int] = []
+    restarts: int = 0
+    # Hash of the deploy_replica body it runs: the controller's check that it runs what was sent.
+    spec_hash: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
 
 
 class CollectorStat(_Msg, kw_only=True, frozen=True):
@@ -191,6 +216,66 @@ class CommandKind(enum.StrEnum):
     FETCH_ARTIFACT = "fetch_artifact"
     EVICT_ARTIFACT = "evict_artifact"
     SYNC = "sync"
+
+
+class ArtifactRef(_Msg, kw_only=True, frozen=True):
+    """A model artifact in the controller's repository, as an agent fetches it."""
+
+    sha256: str
+    size_bytes: int
+    # Absolute URL of the download (Range requests supported), e.g.
+    # http://head:8470/api/v1/artifacts/<sha256>.
+    url: str
+    # The file name the runtime sees (some runtimes look at the extension).
+    filename: str = "model.bin"
+
+
+class ReplicaSpec(_Msg, kw_only=True, frozen=True):
+    """Body of ``deploy_replica``: everything an agent needs to run one replica.
+
+    Idempotent by ``name``: the same name with the same spec again is a no-op; a replica for a
+    new version or new arguments gets a new name from the controller.
+    """
+
+    name: str
+    deployment: str
+    version: str
+    runtime: str
+    artifact: ArtifactRef | None = None
+    # For runtimes that fetch their model themselves (``vllm serve org/model``).
+    source_uri: str | None = None
+    # The model name clients put in requests; the deployment's name when empty.
+    served_model_name: str = ""
+    args: list[str] = []
+    env: dict[str, str] = {}
+    # GPU indices (NVML order) given to the replica through CUDA_VISIBLE_DEVICES.
+    gpus: list[int] = []
+    gpu_memory_bytes: int | None = None
+    # The "command" runtime: argv with {host}, {port}, {model} and {name} placeholders.
+    command: list[str] = []
+    health_path: str = "/health"
+    metrics_path: str | None = "/metrics"
+    # Which metric_names.toml table reads its /metrics (the "command" runtime; others: own).
+    metrics_format: str | None = None
+    ready_timeout_s: float = 300.0
+    # Restarts within the window beyond which the replica is failed ("crash loop").
+    crash_loop_restarts: int = 3
+    crash_loop_window_s: float = 300.0
+    drain_timeout_s: float = 30.0
+
+
+class StopReplica(_Msg, kw_only=True, frozen=True):
+    """Body of ``stop_replica`` and ``drain_replica`` (which always drains)."""
+
+    name: str
+    # Drain first: report "draining" (routing stops), wait until nothing is in flight or the
+    # timeout passes, then SIGTERM and, after the grace period, SIGKILL.
+    drain: bool = True
+    timeout_s: float = 30.0
+
+
+class EvictArtifact(_Msg, kw_only=True, frozen=True):
+    sha256: str
 
 
 class Command(_Msg, kw_only=True, frozen=True):

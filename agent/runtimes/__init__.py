@@ -1,0 +1,1 @@
+"""Inference-server runtimes: how to launch, probe and scrape each kind of server."""
