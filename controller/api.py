@@ -14,8 +14,10 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from llm_ops_helper.controller.deployments import api as deployments_api
 from llm_ops_helper.controller.fleet import HostState
 from llm_ops_helper.controller.metrics import exposition, registry_for
+from llm_ops_helper.controller.registry import api as registry_api
 from llm_ops_helper.controller.state import ControllerState
 from llm_ops_helper.proto.messages import Alert
 
@@ -175,4 +177,6 @@ def build_app(state: ControllerState) -> web.Application:
     app.router.add_get("/api/v1/alerts", alerts)
     app.router.add_get("/api/v1/anomalies", anomalies)
     app.router.add_get("/metrics", metrics)
+    registry_api.add_routes(app, state.registry, public_url=lambda: state.public_url)
+    deployments_api.add_routes(app, state.deployments)
     return app

@@ -38,6 +38,36 @@ class BrokerConfig(Section, kw_only=True, frozen=True):
 class HttpConfig(Section, kw_only=True, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8470
+    # How agents reach this API (they download model artifacts from it), e.g.
+    # "http://head-01.example:8470". Empty: http://{host}:{port} as bound, which only works when
+    # host is an address the agents can reach (not 127.0.0.1 on a real fleet).
+    advertise_url: str = ""
+
+
+class RegistryConfig(Section, kw_only=True, frozen=True):
+    # Artifacts (content-addressed by sha256) live under state.dir/blobs unless set here.
+    blob_dir: str = ""
+    # Largest upload accepted; 0: no limit but the disk.
+    max_upload_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class CommandsConfig(Section, kw_only=True, frozen=True):
+    # Commands to agents are signed with HMAC-SHA256. key_file holds the secret shared with
+    # every agent (their commands.keys entry with the same id); a file {keys_dir}/{host}.key,
+    # when present, is that host's own secret instead.
+    key_id: str = "fleet"
+    key_file: str = ""
+    keys_dir: str = ""
+    ttl_s: Annotated[float, msgspec.Meta(ge=5, le=600)] = 120.0
+
+
+class DeploymentsConfig(Section, kw_only=True, frozen=True):
+    # A reconcile pass runs this often, and at once after any change or replica event.
+    reconcile_interval_s: Positive = 1.0
+    # A deploy command the agent has not acted on after this long is sent again.
+    command_retry_s: Positive = 10.0
+    # Replicas on a host offline this long are placed elsewhere.
+    host_lost_grace_s: NonNegative = 60.0
 
 
 class StateConfig(Section, kw_only=True, frozen=True):
@@ -110,6 +140,9 @@ class ControllerConfig(Section, kw_only=True, frozen=True):
     detection: DetectionConfig = DetectionConfig()
     rules: RulesConfig = RulesConfig()
     alerts: AlertsConfig = AlertsConfig()
+    registry: RegistryConfig = RegistryConfig()
+    commands: CommandsConfig = CommandsConfig()
+    deployments: DeploymentsConfig = DeploymentsConfig()
     source: str = ""
 
     def resolve(self, path: str) -> Path:
@@ -118,6 +151,21 @@ class ControllerConfig(Section, kw_only=True, frozen=True):
     @property
     def state_dir(self) -> Path:
         return self.resolve(self.state.dir)
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.resolve(self.registry.blob_dir) if self.registry.blob_dir \
+            else self.state_dir / "blobs"
+
+    def command_secret(self, host: str) -> bytes | None:
+        """The secret that signs commands to ``host``: its own key file, else the fleet's."""
+        if self.commands.keys_dir:
+            own = self.resolve(self.commands.keys_dir) / f"{host}.key"
+            if own.is_file():
+                return tomlfile.read_secret(self.source, str(own), "commands.keys_dir")
+        if not self.commands.key_file:
+            return None
+        return tomlfile.read_secret(self.source, self.commands.key_file, "commands.key_file")
 
     def broker_password(self) -> str | None:
         if not self.broker.password_file:
@@ -138,6 +186,15 @@ def _check(config: ControllerConfig) -> None:
     if config.broker.reconnect_max_s < config.broker.reconnect_min_s:
         raise ConfigError(f"{src}: key 'broker.reconnect_max_s': expected a value >= "
                           f"broker.reconnect_min_s ({config.broker.reconnect_min_s})")
+    url = config.http.advertise_url
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{src}: key 'http.advertise_url': expected an http(s) URL, "
+                          f"got {url!r}")
+    if config.commands.key_file:
+        config.command_secret("")  # unreadable or empty: fail at start-up, naming the key
+    if config.commands.keys_dir and not config.resolve(config.commands.keys_dir).is_dir():
+        raise ConfigError(f"{src}: key 'commands.keys_dir': no such directory "
+                          f"{config.commands.keys_dir!r}")
     for i, hook in enumerate(config.alerts.webhooks):
         if not hook.url.startswith(("http://", "https://")):
             raise ConfigError(f"{src}: key 'alerts.webhooks[{i}].url': expected an http(s) URL, "

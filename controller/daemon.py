@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import socket
 import time
 from collections.abc import Callable
 
@@ -61,7 +62,7 @@ class Controller:
         config = state.config
         self.notifier = notifier or Notifier({})
         self.link = ControllerLink(config.broker, state.ingest.handle, state.mqtt_alerts,
-                                   password=config.broker_password())
+                                   state.commands_out, password=config.broker_password())
         state.link_connected = lambda: self.link.connected
         state.ingest.link_up = lambda: self.link.connected
         state.link_counters = lambda: {
@@ -79,6 +80,10 @@ class Controller:
         site = web.TCPSite(runner, config.http.host, config.http.port)
         await site.start()
         self.http_port = runner.addresses[0][1]
+        if not self.state.public_url:
+            bound = config.http.host
+            reachable = socket.getfqdn() if bound in ("", "0.0.0.0", "::") else bound
+            self.state.public_url = f"http://{reachable}:{self.http_port}"
         log.info("controller_started", http=f"http://{config.http.host}:{self.http_port}",
                  broker=f"{config.broker.host}:{config.broker.port}",
                  state_dir=str(config.state_dir))
@@ -93,6 +98,7 @@ class Controller:
                     tg.create_task(self._checkpoints(stop, config.state.checkpoint_interval_s))
                 tg.create_task(self._every(stop, GC_FREEZE_INTERVAL_S, self._gc.tick))
                 tg.create_task(self._every(stop, PRUNE_INTERVAL_S, self._prune))
+                tg.create_task(self.state.deployments.run(stop))
                 senders = [tg.create_task(w.run()) for w in self.state.webhooks]
                 await stop.wait()
                 for task in senders:
@@ -103,11 +109,15 @@ class Controller:
             self.state.checkpoint()
             await runner.cleanup()
             self.state.store.close()
+            self.state.registry.close()
+            self.state.deployments.store.close()
             log.info("controller_stopped")
 
     def _prune(self) -> None:
         days = self.state.config.state.retention_days
-        removed = self.state.store.prune(time.time() - days * 86_400)
+        before = time.time() - days * 86_400
+        removed = self.state.store.prune(before)
+        self.state.deployments.store.prune_events(before)
         if removed:
             log.info("store_pruned", rows=removed, retention_days=days)
 

@@ -34,7 +34,7 @@ from llm_ops_helper.controller.rules import (
 )
 from llm_ops_helper.proto import codec
 from llm_ops_helper.proto.codec import DecodeError
-from llm_ops_helper.proto.messages import Event, Status, Telemetry
+from llm_ops_helper.proto.messages import CommandResult, Event, Status, Telemetry
 from llm_ops_helper.proto.sequence import Verdict
 from llm_ops_helper.proto.topics import PREFIX, TopicError, validate_host
 from llm_ops_helper.proto.views import TelemetryTotals
@@ -91,6 +91,9 @@ class Ingest:
         self._freshest: float | None = None
         # The broker link's state (the daemon sets it); staleness pauses while it is down.
         self.link_up: Callable[[], bool] = lambda: True
+        # The deployment engine's hooks: replica events and command results, as they arrive.
+        self.on_event: Callable[[str, Event], None] = lambda host, event: None
+        self.on_result: Callable[[CommandResult], None] = lambda result: None
         self._link_was_down = False
         self._last_forget = 0.0
 
@@ -123,7 +126,7 @@ class Ingest:
             elif kind == "status":
                 self._status(host, codec.decode(payload, Status), now)
             else:
-                self.stats.messages[kind] += 1
+                self._result(host, codec.decode(payload, CommandResult))
         except DecodeError as exc:
             self._drop(exc.reason, host, exc.detail)
 
@@ -194,6 +197,16 @@ class Ingest:
         condition = event_condition(event, self.rules)
         if condition is not None:
             self.alerts.hold(condition, event.ts + self.rules.xid_hold_s, event.ts)
+        self.on_event(host, event)
+
+    def _result(self, host: str, result: CommandResult) -> None:
+        if result.host != host:
+            return self._drop("host_mismatch", host, f"result names host {result.host!r}")
+        self.stats.messages["results"] += 1
+        if result.status == "error":
+            log.warning("command_result_error", host=host, command_id=result.command_id,
+                        error=result.error)
+        self.on_result(result)
 
     def _status(self, host: str, status: Status, now: float) -> None:
         if status.host != host:

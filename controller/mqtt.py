@@ -40,7 +40,8 @@ ALERT_PUBLISH_TIMEOUT_S = 30.0
 
 class ControllerLink:
     def __init__(self, config: BrokerConfig, handle: Callable[[str, bytes | bytearray], None],
-                 alerts: MqttSink, password: str | None = None) -> None:
+                 alerts: MqttSink, commands: asyncio.Queue[tuple[str, bytes]],
+                 password: str | None = None) -> None:
         self.config = config
         self.handle = handle
         self.alerts = alerts
@@ -49,6 +50,11 @@ class ControllerLink:
         self.connected = False
         self.internal_errors = 0
         self.alert_publish_failures = 0
+        # Signed commands for agents, (topic, payload), sent QoS 1 in order. A command queued
+        # while the broker is away waits here; the agent's persistent session queues it in the
+        # broker while the agent is away. Either way its ``expires_at`` bounds how late it acts.
+        self.commands = commands
+        self.command_publish_failures = 0
 
     def _client(self) -> aiomqtt.Client:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -89,7 +95,8 @@ class ControllerLink:
                      connects=self.connects)
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._until_disconnected(client)),
-                         tg.create_task(self._publish_alerts(client))]
+                         tg.create_task(self._publish_alerts(client)),
+                         tg.create_task(self._publish_commands(client))]
                 await stop.wait()
                 for task in tasks:
                     task.cancel()
@@ -114,6 +121,16 @@ class ControllerLink:
             log.exception("ingest_internal_error", mid=message.mid)
         finally:
             paho.ack(message.mid, message.qos)
+
+    async def _publish_commands(self, client: aiomqtt.Client) -> None:
+        while True:
+            topic, payload = await self.commands.get()
+            try:
+                await client.publish(topic, payload, qos=1, timeout=ALERT_PUBLISH_TIMEOUT_S)
+            except aiomqtt.MqttError as exc:
+                # The reconciler sends again what an agent does not act on; count and go on.
+                self.command_publish_failures += 1
+                log.warning("command_publish_failed", topic=topic, error=str(exc))
 
     async def _publish_alerts(self, client: aiomqtt.Client) -> None:
         while True:

@@ -15,8 +15,12 @@ from llm_ops_helper.controller.alerts import AlertManager
 from llm_ops_helper.controller.analytics.bank import BankFileError, DetectorBank
 from llm_ops_helper.controller.anomalies import Analytics, Detection, SeriesInfo
 from llm_ops_helper.controller.config import ConfigError, ControllerConfig
+from llm_ops_helper.controller.deployments.commands import CommandSender
+from llm_ops_helper.controller.deployments.reconciler import Deployments, EngineConfig
+from llm_ops_helper.controller.deployments.store import DeploymentStore
 from llm_ops_helper.controller.fleet import Fleet
 from llm_ops_helper.controller.ingest import Ingest
+from llm_ops_helper.controller.registry import Registry
 from llm_ops_helper.controller.sinks import MqttSink, WebhookSender, log_sink
 from llm_ops_helper.controller.store import Store, StoreError
 
@@ -35,7 +39,14 @@ class ControllerState:
     ingest: Ingest
     analytics: Analytics | None
     mqtt_alerts: MqttSink
+    registry: Registry
+    deployments: Deployments
+    # Signed commands waiting for the broker link, (topic, payload).
+    commands_out: asyncio.Queue[tuple[str, bytes]]
     webhooks: list[WebhookSender] = field(default_factory=list)
+    # Where agents reach the API (artifact downloads): the configured advertise_url, else the
+    # address the HTTP server bound (the daemon sets it once bound).
+    public_url: str = ""
     # Set by the daemon to its broker link's state; /healthz reports it.
     link_connected: Callable[[], bool] = field(default_factory=lambda: _never)
     # The broker link's counters: connects, internal_errors, alert_publish_failures.
@@ -109,4 +120,35 @@ def build_state(config: ControllerConfig) -> ControllerState:
                               silenced=silenced,
                               alert_after_samples=config.detection.alert_after_samples)
     ingest = Ingest(fleet, alerts, analytics, config.fleet, config.rules)
-    return ControllerState(config, store, fleet, alerts, ingest, analytics, mqtt_alerts, webhooks)
+    registry = Registry(config.state_dir / DB_FILE, config.blob_dir,
+                        max_artifact_bytes=config.registry.max_upload_bytes or None)
+    commands_out: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    def secret_for(host: str) -> bytes:
+        try:
+            secret = config.command_secret(host)
+        except ConfigError as exc:  # a key file removed or emptied since start-up
+            raise LookupError(str(exc)) from None
+        if secret is None:
+            raise LookupError("no commands.key_file configured: agents refuse unsigned "
+                              "commands")
+        return secret
+
+    sender = CommandSender(config.commands.key_id, secret_for,
+                           lambda topic, payload: commands_out.put_nowait((topic, payload)),
+                           ttl_s=config.commands.ttl_s)
+    d = config.deployments
+    deployments = Deployments(
+        DeploymentStore(config.state_dir / DB_FILE), fleet,
+        lambda: alerts.firing.values(), registry, sender,
+        lambda sha: f"{state.public_url.rstrip('/')}/api/v1/artifacts/{sha}",
+        EngineConfig(reconcile_interval_s=d.reconcile_interval_s,
+                     command_retry_s=d.command_retry_s, host_lost_grace_s=d.host_lost_grace_s))
+    registry.in_use = deployments.refs_in_use
+    ingest.on_event = deployments.on_event
+    ingest.on_result = deployments.on_result
+    state = ControllerState(config, store, fleet, alerts, ingest, analytics, mqtt_alerts,
+                            registry, deployments, commands_out, webhooks,
+                            public_url=config.http.advertise_url)
+    registry.gc()
+    return state
