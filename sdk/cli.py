@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import sys
 
-from llm_ops_helper import __version__, evaluate
+from llm_ops_helper import __version__, cli_deploy, cli_models, evaluate
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
 
 
 def _broker(value: str) -> tuple[str, int]:
@@ -17,10 +20,25 @@ def _broker(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _client_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """--url, --token and --json, before the command or after it (where they default to
+    SUPPRESS, so an option given before is not overwritten)."""
+    parser.add_argument("--url", default=default,
+                        help="controller URL (default: $LLMOPS_URL, else http://127.0.0.1:8470)")
+    parser.add_argument("--token", default=default,
+                        help="API token (default: $LLMOPS_TOKEN or the file $LLMOPS_TOKEN_FILE)")
+    parser.add_argument("--json", action="store_true",
+                        default=False if default is None else default,
+                        help="print JSON instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmops", description="LLM Ops Helper command line")
     parser.add_argument("--version", action="version", version=f"llmops {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    _client_options(parser, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _client_options(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run a local broker and an agent with simulated GPUs")
     demo.add_argument("--gpus", type=int, default=8, help="simulated GPUs (default 8)")
@@ -35,10 +53,33 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--raw", action="store_true", help="print topic and raw JSON payloads")
 
     evaluate.add_parser(sub)
+    cli_models.add_parser(sub, common)
+    cli_deploy.add_parsers(sub, common)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run a command that talks to the controller; its errors become one line and exit 1."""
+    from llm_ops_helper.client import LLMOpsError, LLMOpsHelper
+
+    try:
+        helper = LLMOpsHelper(args.url, args.token)
+        code: int = args.run(helper, args)
+        return code
+    except LLMOpsError as exc:
+        print(f"llmops: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("llmops: interrupted (what the controller accepted goes on)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "eval":
         return evaluate.run(args)
+    if hasattr(args, "run"):
+        return run_client_command(args)
     try:
         if args.command == "demo":
             from llm_ops_helper.demo import run_demo
