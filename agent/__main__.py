@@ -24,7 +24,10 @@ async def serve(config: agent_config.AgentConfig) -> int:
     # Everything allocated so far lives as long as the process: keep the cyclic collector from
     # walking it again on every full collection (a steady per-tick saving at 1 Hz).
     gc.freeze()
-    return await run_until_signalled(agent.run, "agent", SHUTDOWN_TIMEOUT_S)
+    limit = SHUTDOWN_TIMEOUT_S
+    if config.supervisor.stop_replicas_on_exit:  # each replica gets its SIGTERM grace period
+        limit += config.supervisor.stop_grace_s
+    return await run_until_signalled(agent.run, "agent", limit)
 
 
 def main(argv: list[str] | None = None) -> int:

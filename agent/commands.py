@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -18,14 +18,32 @@ import structlog
 from llm_ops_helper.proto.codec import DecodeError, decode
 from llm_ops_helper.proto.messages import Command, CommandKind, CommandResult
 from llm_ops_helper.proto.signing import CommandRejected, CommandVerifier
+from llm_ops_helper.tomlfile import problem
 
 log = structlog.get_logger("llmops.agent.commands")
 
 Handler = Callable[[Command], Awaitable[dict[str, Any]]]
+T = TypeVar("T", bound=msgspec.Struct)
 
 
 class CommandFailed(Exception):
     """Raised by a handler for an expected failure; its message becomes the result's error."""
+
+
+def body_as(command: Command, type_: type[T]) -> T:
+    """The command's body as ``type_``; :class:`CommandFailed` naming the field that is wrong."""
+    try:
+        return msgspec.convert(command.body, type_)
+    except msgspec.ValidationError as exc:
+        found = problem(exc)
+        if found.kind == "missing_key":
+            detail = "required field is missing"
+        elif found.kind == "unknown_key":
+            detail = "unknown field"
+        else:
+            detail = found.detail
+        field = found.key or "(body)"
+        raise CommandFailed(f"{command.kind} body: field '{field}': {detail}") from None
 
 
 class _IdOnly(msgspec.Struct):

@@ -15,7 +15,7 @@ import msgspec
 
 from llm_ops_helper import tomlfile
 from llm_ops_helper.proto.topics import TopicError, validate_host
-from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError, Positive, Section
+from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError, NonNegative, Positive, Section
 
 __all__ = ["EX_CONFIG", "AgentConfig", "ConfigError", "load", "parse"]
 
@@ -74,6 +74,47 @@ class CommandsConfig(Section, kw_only=True, frozen=True):
     clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
 
+class SupervisorConfig(Section, kw_only=True, frozen=True):
+    """The replicas this agent starts itself (deploy_replica) and their artifact cache."""
+
+    # replicas.json (what runs, so a restarted agent adopts it) and logs/{replica}.log.
+    state_dir: str = "/var/lib/llmops-agent"
+    # Model artifacts by sha256; default {state_dir}/artifacts.
+    cache_dir: str = ""
+    cache_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 100 << 30
+    # Where replicas listen; 0.0.0.0 serves the fleet (the gateway calls them).
+    bind_host: str = "0.0.0.0"
+    # The host name in the URLs the controller and the gateway call; default: this host's FQDN.
+    advertise_host: str = ""
+    port_range: tuple[Port, Port] = (20000, 29999)
+    # SIGTERM to the replica's process group, then SIGKILL after this long.
+    stop_grace_s: NonNegative = 30.0
+    restart_backoff_min_s: Positive = 1.0
+    restart_backoff_max_s: Positive = 60.0
+    liveness_interval_s: Positive = 5.0
+    # Consecutive failed health probes of a ready replica before it is killed and restarted.
+    liveness_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # A draining replica is stopped no sooner than this, even when idle at once.
+    drain_delay_s: NonNegative = 2.0
+    # false: an agent restart or upgrade never stops inference; the state file lets the next
+    # agent adopt the replicas.
+    stop_replicas_on_exit: bool = False
+    # Per artifact download (a 100 GB model on 1 GbE takes ~15 min).
+    download_timeout_s: Positive = 3600.0
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.state_dir) / "artifacts"
+
+    @property
+    def advertised_host(self) -> str:
+        return self.advertise_host or socket.getfqdn()
+
+
 class AgentConfig(Section, kw_only=True, frozen=True):
     host: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -83,6 +124,7 @@ class AgentConfig(Section, kw_only=True, frozen=True):
     host_metrics: HostMetricsConfig = HostMetricsConfig()
     replicas: list[ReplicaTarget] = []
     commands: CommandsConfig = CommandsConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
     # Filled in by load(): the file this came from, for messages and relative paths.
     source: str = ""
 
@@ -127,6 +169,18 @@ def _check(config: AgentConfig) -> None:
         if not replica.metrics_url.startswith(("http://", "https://")):
             raise ConfigError(f"{src}: key 'replicas[{i}].metrics_url': expected an http(s) URL, "
                               f"got {replica.metrics_url!r}")
+    sup = config.supervisor
+    if sup.port_range[1] < sup.port_range[0]:
+        raise ConfigError(f"{src}: key 'supervisor.port_range': expected [low, high] with low <= "
+                          f"high, got {list(sup.port_range)}")
+    if sup.restart_backoff_max_s < sup.restart_backoff_min_s:
+        raise ConfigError(f"{src}: key 'supervisor.restart_backoff_max_s': expected a value >= "
+                          f"supervisor.restart_backoff_min_s ({sup.restart_backoff_min_s})")
+    for key in ("state_dir", "cache_dir"):
+        value = getattr(sup, key)
+        if value and not Path(value).is_absolute():
+            raise ConfigError(f"{src}: key 'supervisor.{key}': expected an absolute path, "
+                              f"got {value!r}")
     if config.gpus.scenario and not config.resolve(config.gpus.scenario).is_file():
         raise ConfigError(f"{src}: key 'gpus.scenario': no such file {config.gpus.scenario!r}")
 

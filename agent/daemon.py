@@ -1,8 +1,10 @@
 """The agent daemon: sample every interval, queue, publish, answer commands. One TaskGroup.
 
-Phases, as uvicorn runs them: start-up (collectors built by ``__main__``), main loop (the
-sampler and the broker link side by side), shutdown (the stop event ends the sampler; the link
-publishes ``offline`` and disconnects).
+Phases, as uvicorn runs them: start-up (collectors built by ``__main__``; the replica
+supervisor adopts what its state file lists), main loop (the sampler and the broker link side
+by side; replicas run in the supervisor's tasks), shutdown (the stop event ends the sampler;
+replicas are left running unless ``stop_replicas_on_exit``; the link publishes ``offline`` and
+disconnects).
 """
 
 from __future__ import annotations
@@ -13,16 +15,26 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 import structlog
 
 from llm_ops_helper import __version__
 from llm_ops_helper.agent.collectors.base import Collector, GpuCollector, run_collectors
-from llm_ops_helper.agent.commands import CommandHandler
+from llm_ops_helper.agent.commands import CommandHandler, Handler
 from llm_ops_helper.agent.config import AgentConfig
 from llm_ops_helper.agent.link import Link
 from llm_ops_helper.agent.outbox import Outbox, Outgoing
+from llm_ops_helper.agent.replicas.handlers import replica_handlers
+from llm_ops_helper.agent.replicas.supervisor import Supervisor
 from llm_ops_helper.proto.codec import encode
-from llm_ops_helper.proto.messages import AgentCounters, Command, Status, Telemetry
+from llm_ops_helper.proto.messages import (
+    AgentCounters,
+    Command,
+    Event,
+    ReplicaSample,
+    Status,
+    Telemetry,
+)
 from llm_ops_helper.proto.signing import CommandVerifier
 from llm_ops_helper.proto.topics import TopicKind, agent_topic
 from llm_ops_helper.systemd_notify import Notifier
@@ -43,6 +55,7 @@ class Agent:
         runtimes: list[str],
         notifier: Notifier | None = None,
         broker_password: str | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.host = config.hostname
@@ -55,7 +68,17 @@ class Agent:
         self.ticks_overrun = 0
         interval = config.telemetry.interval_s
         self.outbox = Outbox(telemetry_capacity=math.ceil(config.telemetry.buffer_s / interval))
-        self.commands = CommandHandler(self.host, verifier, {"sync": self._sync})
+        self.supervisor = supervisor
+        handlers: dict[str, Handler] = {"sync": self._sync}
+        self.capabilities = list(CAPABILITIES)
+        if supervisor is not None:
+            supervisor.emit = self.send_event
+            replica_commands = replica_handlers(supervisor)
+            handlers.update(replica_commands)
+            self.capabilities += [f"commands.{kind}" for kind in replica_commands]
+        # The last tick's scraped samples, for sync (merged with the supervisor's states).
+        self._scraped: list[ReplicaSample] = []
+        self.commands = CommandHandler(self.host, verifier, handlers)
         self.link = Link(config.broker, self.host, self.outbox, self.status, self._on_command,
                          password=broker_password)
         self._topics = {kind: agent_topic(self.host, kind) for kind in TopicKind}
@@ -64,7 +87,7 @@ class Agent:
         return Status(
             host=self.host, state="online", ts=time.time(), run_id=self.run_id,
             agent_version=__version__, interval_s=self.config.telemetry.interval_s,
-            capabilities=CAPABILITIES, gpus=self.gpus.inventory() if self.gpus else [],
+            capabilities=self.capabilities, gpus=self.gpus.inventory() if self.gpus else [],
             runtimes=self.runtimes)
 
     async def _on_command(self, payload: bytes) -> None:
@@ -72,12 +95,21 @@ class Agent:
         if result is not None:
             self.outbox.put_urgent(Outgoing(self._topics[TopicKind.RESULTS], encode(result)))
 
+    def send_event(self, event: Event) -> None:
+        self.outbox.put_urgent(Outgoing(self._topics[TopicKind.EVENTS], encode(event)))
+
+    def replica_samples(self, scraped: list[ReplicaSample]) -> list[ReplicaSample]:
+        """Every replica: configured ones (not scraped yet: up=False) and supervised ones."""
+        seen = {s.name for s in scraped}
+        samples = scraped + [ReplicaSample(name=r.name, runtime=r.runtime, up=False)
+                             for r in self.config.replicas if r.name not in seen]
+        return self.supervisor.merge(samples) if self.supervisor is not None else samples
+
     async def _sync(self, command: Command) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "seq": self.seq,
-            "replicas": [{"name": r.name, "runtime": r.runtime, "supervised": False}
-                         for r in self.config.replicas],
+            "replicas": [msgspec.to_builtins(s) for s in self.replica_samples(self._scraped)],
             "gpus": [g.uuid for g in (self.gpus.inventory() if self.gpus else [])],
         }
 
@@ -96,12 +128,15 @@ class Agent:
         for event in tick.collected.events:
             log.warning("host_event", kind=event.kind, severity=event.severity, gpu=event.gpu,
                         message=event.message)
-            self.outbox.put_urgent(Outgoing(self._topics[TopicKind.EVENTS], encode(event)))
+            self.send_event(event)
+        self._scraped = tick.collected.replicas or []
+        replicas = (self.supervisor.merge(self._scraped) if self.supervisor is not None
+                    else self._scraped)
         self.seq += 1
         telemetry = Telemetry(
             host=self.host, run_id=self.run_id, seq=self.seq, ts=time.time(),
             interval_s=self.config.telemetry.interval_s, host_metrics=tick.collected.host,
-            gpus=tick.collected.gpus or [], replicas=tick.collected.replicas or [],
+            gpus=tick.collected.gpus or [], replicas=replicas,
             collectors=tick.stats, agent=self.counters())
         self.outbox.put_telemetry(Outgoing(self._topics[TopicKind.TELEMETRY], encode(telemetry),
                                            qos=self.config.telemetry.qos))
@@ -123,6 +158,14 @@ class Agent:
             except TimeoutError:
                 pass
 
+    async def _stop_replicas_then(self, stop: asyncio.Event, link_stop: asyncio.Event) -> None:
+        try:
+            await stop.wait()
+            if self.supervisor is not None and self.config.supervisor.stop_replicas_on_exit:
+                await self.supervisor.stop_all()
+        finally:
+            link_stop.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         ping_every = self.notifier.watchdog_interval_s
         if ping_every is not None and ping_every < self.config.telemetry.interval_s:
@@ -133,13 +176,21 @@ class Agent:
                  collectors=[c.name for c in self.collectors],
                  gpus=len(self.gpus.inventory()) if self.gpus else 0,
                  broker=f"{self.config.broker.host}:{self.config.broker.port}")
+        if self.supervisor is not None:
+            await self.supervisor.start()
         try:
+            # The link outlives the stop by the replicas' own stop (stop_replicas_on_exit), so
+            # their final replica_state events go out before the "offline" status.
+            link_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._sample_loop(stop))
-                tg.create_task(self.link.run(stop))
+                tg.create_task(self.link.run(link_stop))
+                tg.create_task(self._stop_replicas_then(stop, link_stop))
                 self.notifier.ready(f"publishing as {self.host}")
         finally:
             self.notifier.stopping()
+            if self.supervisor is not None:
+                await self.supervisor.close()
             for collector in self.collectors:
                 await collector.close()
             log.info("agent_stopped", seq=self.seq, unsent=len(self.outbox))

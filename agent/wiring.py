@@ -15,6 +15,7 @@ from llm_ops_helper.agent.collectors.scenario import ScenarioError, load_scenari
 from llm_ops_helper.agent.collectors.simulated import PROFILES, SimulatedGpuCollector
 from llm_ops_helper.agent.config import AgentConfig, ConfigError
 from llm_ops_helper.agent.daemon import Agent
+from llm_ops_helper.agent.replicas.supervisor import Supervisor, SupervisorError
 from llm_ops_helper.proto.signing import CommandVerifier
 from llm_ops_helper.systemd_notify import Notifier
 
@@ -55,12 +56,27 @@ def build_verifier(config: AgentConfig) -> CommandVerifier:
                            clock_skew_s=config.commands.clock_skew_s)
 
 
+def build_supervisor(config: AgentConfig, gpus: GpuCollector | None) -> Supervisor:
+    # Imported here: the adapters' module table is only needed once a supervisor is built.
+    from llm_ops_helper.agent.runtimes.registry import RUNTIMES
+
+    supervisor = Supervisor(config.supervisor, host=config.hostname, runtimes=RUNTIMES,
+                            inventory=lambda: gpus.inventory() if gpus is not None else [])
+    try:
+        supervisor.prepare()
+    except SupervisorError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
+    return supervisor
+
+
 def build_agent(config: AgentConfig) -> Agent:
-    runtimes = sorted(mappings())
+    from llm_ops_helper.agent.runtimes.registry import available_runtimes, unavailable_reasons
+
+    formats = sorted(mappings())
     for i, replica in enumerate(config.replicas):
-        if replica.runtime not in runtimes:
+        if replica.runtime not in formats:
             raise ConfigError(f"{config.source}: key 'replicas[{i}].runtime': "
-                              f"{replica.runtime!r} is not one of {', '.join(runtimes)}")
+                              f"{replica.runtime!r} is not one of {', '.join(formats)}")
     verifier = build_verifier(config)
     password = (config.read_secret(config.broker.password_file, "broker.password_file").decode()
                 if config.broker.password_file else None)
@@ -74,9 +90,11 @@ def build_agent(config: AgentConfig) -> Agent:
         except FileNotFoundError:
             raise ConfigError(f"{config.source}: key 'host_metrics.disk_path': no such path "
                               f"{config.host_metrics.disk_path!r}") from None
-    if config.replicas:
-        targets = [ScrapeTarget(r.name, r.runtime, r.metrics_url) for r in config.replicas]
-        collectors.append(RuntimeCollector(lambda: targets,
-                                           timeout_s=config.collector_timeout_s * 0.9))
+    supervisor = build_supervisor(config, gpus)
+    configured = [ScrapeTarget(r.name, r.runtime, r.metrics_url) for r in config.replicas]
+    collectors.append(RuntimeCollector(lambda: [*configured, *supervisor.targets()],
+                                       timeout_s=config.collector_timeout_s * 0.9))
+    runtimes = available_runtimes()
+    log.info("runtimes_available", available=runtimes, unavailable=unavailable_reasons())
     return Agent(config, collectors, gpus=gpus, verifier=verifier, runtimes=runtimes,
-                 notifier=Notifier(), broker_password=password)
+                 notifier=Notifier(), broker_password=password, supervisor=supervisor)

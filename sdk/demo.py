@@ -17,11 +17,14 @@ from llm_ops_helper.broker import BrokerUnavailable, LocalMosquitto
 from llm_ops_helper.watch import watch
 
 
-def _agent_toml(broker: LocalMosquitto, gpus: int, interval_s: float, scenario: Path) -> str:
+def _agent_toml(broker: LocalMosquitto, gpus: int, interval_s: float, scenario: Path,
+                state_dir: Path) -> str:
     return (f'host = "demo-gpu-01"\n'
             f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nkeepalive_s = 10\n'
             f'[telemetry]\ninterval_s = {interval_s}\n'
-            f'[gpus]\nbackend = "auto"\nsimulated_count = {gpus}\nscenario = "{scenario}"\n')
+            f'[gpus]\nbackend = "auto"\nsimulated_count = {gpus}\nscenario = "{scenario}"\n'
+            f'[supervisor]\nstate_dir = "{state_dir}"\n'
+            f'bind_host = "127.0.0.1"\nstop_replicas_on_exit = true\n')
 
 
 async def run_demo(*, gpus: int, interval_s: float, duration_s: float | None,
@@ -39,7 +42,8 @@ async def run_demo(*, gpus: int, interval_s: float, duration_s: float | None,
             print(f"llmops demo: {exc}", file=sys.stderr)
             return 69
         config = work / "agent.toml"
-        config.write_text(_agent_toml(broker, gpus, interval_s, scenario_path))
+        config.write_text(_agent_toml(broker, gpus, interval_s, scenario_path,
+                                       work / "agent-state"))
         agent_log = work / "agent.log"
         print(f"broker   mosquitto on {broker.host}:{broker.port}")
         print(f"agent    {gpus} simulated GPUs (NVML is used instead where a driver is present), "

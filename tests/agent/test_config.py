@@ -20,6 +20,14 @@ def test_example_config_parses_with_documented_defaults() -> None:
     assert config.telemetry.interval_s == 1.0
     assert config.telemetry.buffer_s >= 600, "at least 10 minutes of snapshots are kept"
     assert config.collector_timeout_s == pytest.approx(0.8)
+    sup = config.supervisor
+    assert (sup.state_dir, sup.cache_path, sup.bind_host, sup.port_range) == (
+        "/var/lib/llmops-agent", Path("/var/lib/llmops-agent/artifacts"), "0.0.0.0",
+        (20000, 29999))
+    assert (sup.cache_max_bytes, sup.stop_grace_s, sup.liveness_failures, sup.drain_delay_s) == (
+        100 << 30, 30.0, 3, 2.0)
+    assert sup.stop_replicas_on_exit is False
+    assert sup.advertised_host, "defaults to this host's FQDN"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -34,6 +42,12 @@ def test_example_config_parses_with_documented_defaults() -> None:
     ('host = "gpu/01"\n' + GOOD, "agent.toml: key 'host': host name 'gpu/01' is not usable"),
     (GOOD + "[telemetry]\nbuffer_s = 0.1\n", "agent.toml: key 'telemetry.buffer_s': expected at least one interval"),
     ("[broker\n", "agent.toml: not valid TOML"),
+    (GOOD + "[supervisor]\nport_range = [30000, 20000]\n", "agent.toml: key 'supervisor.port_range': expected [low, high] with low <= high"),
+    (GOOD + "[supervisor]\nport_range = [0, 20000]\n", "agent.toml: key 'supervisor.port_range[0]': expected int >= 1"),
+    (GOOD + '[supervisor]\nstate_dir = "state"\n', "agent.toml: key 'supervisor.state_dir': expected an absolute path"),
+    (GOOD + "[supervisor]\nrestart_backoff_max_s = 0.5\n", "agent.toml: key 'supervisor.restart_backoff_max_s': expected a value >= supervisor.restart_backoff_min_s"),
+    (GOOD + "[supervisor]\nliveness_failures = 0\n", "agent.toml: key 'supervisor.liveness_failures': expected int >= 1"),
+    (GOOD + "[supervisor]\nstop_on_exit = true\n", "agent.toml: key 'supervisor.stop_on_exit': unknown key"),
 ])
 def test_bad_config_names_file_key_and_expectation(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:

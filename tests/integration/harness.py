@@ -33,6 +33,12 @@ def agent_config(mqtt: LocalMosquitto, /, host: str = "gpu-test",
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
+    # Never the system's /var/lib/llmops-agent: a directory of the test's own, beside the
+    # broker's (tests run as root in CI).
+    base.setdefault("supervisor", {}).setdefault(
+        "state_dir", str(mqtt.data_dir.parent / f"agent-{host}"))
+    base["supervisor"].setdefault("bind_host", "127.0.0.1")
+    base["supervisor"].setdefault("advertise_host", "127.0.0.1")
     lines = [f'host = "{host}"']
     for name, values in base.items():
         lines.append(f"[{name}]")

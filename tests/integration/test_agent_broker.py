@@ -42,7 +42,8 @@ async def test_telemetry_with_8_simulated_gpus_arrives_within_3s(mosquitto, agen
         assert [g.index for g in snapshot.gpus] == list(range(8))
         assert all(g.healthy and g.memory_total_bytes for g in snapshot.gpus)
         assert snapshot.host_metrics is not None and snapshot.host_metrics.memory_total_bytes > 0
-        assert {s.name: s.ok for s in snapshot.collectors} == {"simulated": True, "host": True}
+        assert {s.name: s.ok for s in snapshot.collectors} == {"simulated": True, "host": True,
+                                                               "runtime": True}
 
 
 async def test_status_is_retained_online_with_inventory(mosquitto, agent_factory) -> None:
