@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import sqlite3
 import time
@@ -80,6 +81,7 @@ from llm_ops_helper.proto.messages import (
     StopReplica,
 )
 
+_FIGURES = re.compile(r"\d+(?:\.\d+)?")
 log = structlog.get_logger("llmops.controller.deployments")
 
 
@@ -145,8 +147,7 @@ class Deployments:
             self._add_revision(d, model, runtime, spec, by, f"created by {by}", now)
             self._event(name, "deployment_applied", f"created by {by}: {model.ref} x "
                         f"{spec.replicas} on {runtime}", now, version=model.ref, by=by)
-            self.wake.set()
-            return self.view(name), True
+            return self._settled(name), True
         current = self._revision(d)
         before = msgspec.structs.replace(current.spec, runtime=current.runtime)
         after = msgspec.structs.replace(spec, runtime=runtime)
@@ -163,8 +164,7 @@ class Deployments:
             self._touch(d, now)
             self._event(name, "deployment_applied", f"{by} applied without a new revision "
                         f"(replicas {old_replicas} -> {spec.replicas})", now, by=by)
-        self.wake.set()
-        return self.view(name), False
+        return self._settled(name), False
 
     def scale(self, name: str, replicas: int, by: str = "anonymous") -> dict[str, Any]:
         d = self._get(name, writable=True)
@@ -174,8 +174,7 @@ class Deployments:
         self._touch(d, now)
         self._event(name, "deployment_scaled", f"{by} scaled from {before} to {replicas}", now,
                     replicas=replicas, by=by)
-        self.wake.set()
-        return self.view(name)
+        return self._settled(name)
 
     def rollback(self, name: str, version: str | None = None,
                  by: str = "anonymous") -> dict[str, Any]:
@@ -199,8 +198,7 @@ class Deployments:
                                                  requested=version, model=model,
                                                  runtime=runtime)
         self._roll_back(d, source, f"rollback to {source.version} by {by}", by, self.clock())
-        self.wake.set()
-        return self.view(name)
+        return self._settled(name)
 
     def delete(self, name: str, by: str = "anonymous") -> dict[str, Any]:
         d = self._get(name)
@@ -210,6 +208,18 @@ class Deployments:
             self._touch(d, now)
             self._event(name, "deployment_deleting", f"{by} deleted it; draining its replicas",
                         now, by=by)
+        self.wake.set()
+        return self.view(name)
+
+    def _settled(self, name: str) -> dict[str, Any]:
+        """The view after one reconcile pass of this deployment: what a change answers, so
+        that it already says "progressing" (a client waiting for "available" must not see the
+        phase from before the change)."""
+        try:
+            self._reconcile(self.deployments[name], self.clock())
+        except (DeploymentError, sqlite3.Error) as exc:
+            self.tick_errors += 1
+            log.error("reconcile_failed", deployment=name, error=str(exc))
         self.wake.set()
         return self.view(name)
 
@@ -413,9 +423,13 @@ class Deployments:
                         replica=name, host=placed.host, gpus=list(placed.gpus))
             self._send(record, now)
         if placement.refused != d.refused:
+            # Free memory moves every second on a busy GPU: a refusal is news (an event, a
+            # log line) when its reasons change, not its figures.
+            news = placement.refused is not None and (
+                d.refused is None or _shape(placement.refused) != _shape(d.refused))
             d.refused = placement.refused
             self._touch(d, now)
-            if placement.refused is not None:
+            if news and placement.refused is not None:
                 self._event(d.name, "placement_refused", placement.refused, now,
                             level="warning")
 
@@ -585,9 +599,12 @@ class Deployments:
         raise DeploymentError(f"deployment {d.name}: revision {wanted} is missing")
 
     def _previous(self, d: Deployment) -> Revision | None:
+        """The version before the current one: the latest other version that did not fail
+        (a version rolled back from is never where a plain rollback goes)."""
         current = self._revision(d)
         return next((r for r in reversed(self.revisions.get(d.name, []))
-                     if r.revision < d.revision and r.version != current.version), None)
+                     if r.revision < d.revision and r.version != current.version
+                     and r.failed is None), None)
 
     def _check_feasible(self, name: str, spec: DeploymentSpec, model: ModelInfo,
                         runtime: str) -> None:
@@ -658,3 +675,8 @@ def _changes(current: Revision, spec: DeploymentSpec, version: str) -> str:
         if a != b:
             parts.append(f"{field} {a!r} -> {b!r}")
     return ", ".join(parts)
+
+
+def _shape(message: str) -> str:
+    """A message with its figures blanked out."""
+    return _FIGURES.sub("#", message)

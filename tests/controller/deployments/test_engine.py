@@ -155,6 +155,27 @@ async def test_manual_rollback_and_its_refusals(world: World) -> None:
         world.engine.rollback("chat", "tiny@9")
 
 
+async def test_a_plain_rollback_skips_the_version_that_failed(world: World) -> None:
+    # tiny@1 -> tiny@2 -> tiny@3 (fails, rolled back to tiny@2); "rollback" means tiny@1, not
+    # the version that just failed.
+    deployed(world)
+    world.engine.apply("chat", spec("tiny@2"))
+    for _ in range(6):
+        world.deliver(world.step())
+        world.ready_all()
+    world.engine.apply("chat", spec("tiny@3"))
+    sent = world.step()
+    world.deliver(sent)
+    world.engine.on_event(sent[0].host, world.event(sent[0].host, sent[0].name, "failed",
+                                                    "exited at start with code 1"))
+    for _ in range(6):
+        world.deliver(world.step())
+        world.ready_all()
+    assert world.engine.get("chat")["version"] == "tiny@2"
+    view = world.engine.rollback("chat", by="carol")
+    assert view["version"] == "tiny@1"
+
+
 async def test_first_deploy_failing_is_failed_and_cleaned_up(world: World) -> None:
     world.engine.apply("chat", spec())
     sent = world.step()
