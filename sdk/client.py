@@ -212,15 +212,30 @@ class LLMOpsHelper:
         ``timeout`` seconds. ``on_update`` sees every state polled.
         """
         text = os.fspath(path_or_ref)
+        pushed: ModelVersion | None = None
         if not isinstance(path_or_ref, str) or Path(text).exists() or _looks_like_path(text):
             model = name or deployment_name(Path(text).stem)
-            ref = self.push_model(text, model, runtime=runtime, progress=progress).ref
+            pushed = self.push_model(text, model, runtime=runtime, progress=progress)
+            ref = pushed.ref
             deployment = deployment_name(model)
         else:
             ref = text
             deployment = name or deployment_name(text.partition("@")[0])
         body = {"model": ref, "runtime": runtime, "replicas": replicas, **spec}
-        started = self._call("PUT", f"/api/v1/deployments/{_seg(deployment)}", Deployment, body)
+        try:
+            started = self._call("PUT", f"/api/v1/deployments/{_seg(deployment)}", Deployment,
+                                 body)
+        except ApiError as exc:
+            if pushed is None:
+                raise
+            # The deployment was refused (it fits no host, say): the version uploaded for it
+            # alone is retired, so that its artifact does not stay behind.
+            try:
+                self.retire(pushed.model, pushed.version)
+                note = f"{pushed.ref}, uploaded for this deployment, was retired"
+            except LLMOpsError as cleanup:
+                note = f"{pushed.ref} was uploaded and stays registered ({cleanup})"
+            raise type(exc)(exc.status, f"{exc.message}; {note}") from None
         if on_update is not None:
             on_update(started)
         if not wait:

@@ -387,8 +387,12 @@ class Deployments:
         message = p.message
         if d.refused is not None and p.create:
             message += f"; not placed: {d.refused}"
-        if p.phase == "available" and self._revision(d).reason.startswith("automatic rollback"):
-            message += f" (rolled back: {self._revision(d).reason})"
+        reason = self._revision(d).reason
+        if reason.startswith("automatic rollback"):
+            if p.phase == "available":
+                message += f" (rolled back: {reason})"
+            elif p.phase == "rolling_back" and not message.startswith(reason):
+                message = f"{reason}; {message}"  # why first, then how far it got
         if (d.phase, d.message) != (p.phase, message):
             if d.phase != p.phase:
                 log.info("deployment_phase", deployment=d.name, phase=p.phase,
