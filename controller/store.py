@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 
+from llm_ops_helper.controller import database
 from llm_ops_helper.proto.messages import Alert
 
 SCHEMA_VERSION = 1
@@ -75,10 +76,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db = database.connect(path)
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 # executescript commits first; every statement is idempotent, so a crash

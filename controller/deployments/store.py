@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from llm_ops_helper.controller import database
 from llm_ops_helper.controller.deployments.spec import DeploymentSpec
 from llm_ops_helper.proto.messages import ReplicaSpec
 
@@ -158,10 +159,7 @@ class DeploymentStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db = database.connect(path)
             self.db.executescript(_SCHEMA)
             row = self.db.execute(
                 "SELECT value FROM deployments_meta WHERE key = 'schema'").fetchone()

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from llm_ops_helper.controller import database
 from llm_ops_helper.controller.registry import formats, lifecycle
 from llm_ops_helper.controller.registry.blobs import BlobStore, Staged
 from llm_ops_helper.controller.registry.errors import (
@@ -71,12 +72,8 @@ class Registry:
         # Digests of uploads between staging and their row: never collected.
         self._pending: Counter[str] = Counter()
         try:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(db_path, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db = database.connect(db_path)
             self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
             row = self.db.execute("SELECT version FROM registry_schema").fetchone()
             if row is None:
