@@ -63,6 +63,7 @@ def test_vllm_two_engines_sum_counters_and_queues_and_take_the_busiest_kv_cache(
         "prefix_cache_queries_total": 1.555398e6 + 1.500353e6,
         "prefix_cache_hits_total": 518466 + 500117,
         "prompt_tokens_cached_total": 81920 + 65536,
+        "requests_failed_total": 0,  # http_requests_total is there, with no 5xx series yet
     }
     assert set(histograms) == {"ttft_seconds", "itl_seconds", "e2e_seconds", "queue_seconds"}
     ttft = histograms["ttft_seconds"]
@@ -94,6 +95,42 @@ def test_vllm_before_0_9_2_maps_the_old_names_to_the_same_canonical_ones() -> No
     new_metrics, new_histograms = parse_metrics(page("vllm"), "vllm")
     assert set(metrics) == set(new_metrics) - {"prompt_tokens_cached_total"}
     assert set(histograms) == set(new_histograms)
+
+
+def test_vllm_failed_requests_are_the_5xx_answers_of_the_completion_endpoints() -> None:
+    metrics, histograms = parse_metrics(page("vllm-errors"), "vllm")
+    # 5xx on /v1/chat/completions and /v1/completions; not the 5xx on /v1/models, not the 4xx
+    # (the client's errors, and handler "none" for unknown paths), not the 2xx.
+    assert metrics["requests_failed_total"] == 12 + 5
+    base_metrics, base_histograms = parse_metrics(page("vllm"), "vllm")
+    assert {k: v for k, v in metrics.items() if k != "requests_failed_total"} == {
+        k: v for k, v in base_metrics.items() if k != "requests_failed_total"}
+    assert histograms == base_histograms
+    assert parse_metrics(page("vllm-errors"), "sim") == (metrics, histograms)
+
+
+def test_the_label_matcher_keeps_only_the_series_it_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    custom = parse_mappings({"vllm": {"metrics": {
+        "failed": {"from": ["http_requests_total"], "agg": "sum",
+                   "labels": {"status": "5xx", "handler": ["/v1/completions", "/v1/models"]}},
+        "all": {"from": ["http_requests_total"], "agg": "sum"},
+        "client_errors": {"from": ["http_requests_total"], "agg": "sum",
+                          "labels": {"status": ["4xx"]}},
+        "biggest_3xx": {"from": ["http_requests_total"], "agg": "max",
+                        "labels": {"status": "3xx"}},
+        "by_missing_label": {"from": ["http_requests_total"], "agg": "sum",
+                             "labels": {"code": "500"}},
+    }}})
+    monkeypatch.setattr(runtime_module, "mappings", lambda: custom)
+    metrics, _ = parse_metrics(page("vllm-errors"), "vllm")
+    assert metrics == {
+        "failed": 5 + 2,
+        "all": 2669 + 31 + 12 + 2078 + 5 + 2393 + 2 + 17,
+        "client_errors": 31 + 17,
+        # biggest_3xx: a max of no series is not reported
+        "by_missing_label": 0,  # a series without the label does not match
+    }
 
 
 def test_a_release_with_both_names_reports_the_current_one_only() -> None:
@@ -158,6 +195,9 @@ def test_every_runtime_maps_the_core_canonical_names() -> None:
     assert set(mappings()) == {"vllm", "sim", "sglang", "llamacpp"}
     for mapping in mappings().values():
         assert core <= set(mapping.metrics), mapping.runtime
+    # Failed requests where the runtime counts them: vLLM (and the simulator) only.
+    assert {m.runtime for m in mappings().values() if "requests_failed_total" in m.metrics} == {
+        "vllm", "sim"}
     for runtime in ("vllm", "sglang"):
         assert set(mappings()[runtime].histograms) == {
             "ttft_seconds", "itl_seconds", "e2e_seconds", "queue_seconds"}
@@ -171,11 +211,53 @@ def test_a_bad_mapping_names_the_key() -> None:
         parse_mappings({"sim": {"same_as": "tgi"}})
 
 
+def test_a_label_matcher_parses_to_allowed_value_sets() -> None:
+    parsed = parse_mappings({"vllm": {"metrics": {"failed": {
+        "from": ["http_requests_total"], "agg": "sum",
+        "labels": {"status": "5xx", "handler": ["/v1/completions", "/v1/chat/completions"]}}}}})
+    spec = parsed["vllm"].metrics["failed"]
+    assert spec.labels == (("handler", frozenset({"/v1/completions", "/v1/chat/completions"})),
+                           ("status", frozenset({"5xx"})))
+    assert spec.matches({"handler": "/v1/completions", "method": "POST", "status": "5xx"})
+    assert not spec.matches({"handler": "/v1/completions", "method": "POST", "status": "4xx"})
+    assert not spec.matches({"handler": "/v1/models", "status": "5xx"})
+    assert not spec.matches({"status": "5xx"})
+    assert parse_mappings({"vllm": {"metrics": {"x": {
+        "from": ["vllm:x"], "agg": "sum"}}}})["vllm"].metrics["x"].labels == ()
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ("5xx", r"labels as a non-empty table of label name = value\(s\), got '5xx'"),
+    ({}, r"labels as a non-empty table of label name = value\(s\), got \{\}"),
+    ({"sta-tus": "5xx"}, r"labels keyed by Prometheus label names, got 'sta-tus'"),
+    ({"__name__": "x"}, r"labels keyed by Prometheus label names, got '__name__'"),
+    ({"status": 500}, r"labels\.status as a string or a non-empty list of strings, got 500"),
+    ({"status": []}, r"labels\.status as a string or a non-empty list of strings, got \[\]"),
+    ({"status": ["5xx", 4]}, r"labels\.status as a string .*, got \['5xx', 4\]"),
+])
+def test_a_bad_label_matcher_names_the_key_and_what_is_wrong(labels: object,
+                                                             message: str) -> None:
+    bad = {"vllm": {"metrics": {"requests_failed_total": {
+        "from": ["http_requests_total"], "agg": "sum", "labels": labels}}}}
+    with pytest.raises(MetricsMappingError,
+                       match=r"^metric_names\.toml: \[vllm\.metrics\.requests_failed_total\]: "
+                             r"expected " + message):
+        parse_mappings(bad)
+
+
+def test_a_misspelt_labels_key_is_refused() -> None:
+    bad = {"vllm": {"metrics": {"requests_failed_total": {
+        "from": ["http_requests_total"], "agg": "sum", "label": {"status": "5xx"}}}}}
+    with pytest.raises(MetricsMappingError, match=r"optionally labels = \{ \.\.\. \}, got"):
+        parse_mappings(bad)
+
+
 # --- the remembered layout gives what a fresh parse gives ------------------------------------
 
 
 @pytest.mark.parametrize(("name", "runtime"), [
-    ("vllm", "vllm"), ("vllm-old", "vllm"), ("sglang", "sglang"), ("llamacpp", "llamacpp")])
+    ("vllm", "vllm"), ("vllm-old", "vllm"), ("vllm-errors", "vllm"), ("sglang", "sglang"),
+    ("llamacpp", "llamacpp")])
 def test_later_scrapes_read_the_same_as_a_fresh_parse(
         name: str, runtime: str, monkeypatch: pytest.MonkeyPatch) -> None:
     parser = MetricsParser(runtime)
@@ -188,6 +270,43 @@ def test_later_scrapes_read_the_same_as_a_fresh_parse(
         raise AssertionError("a page of known shape went through the parser again")
     monkeypatch.setattr(runtime_module, "text_string_to_metric_families", no_parser)
     assert parser.parse(later) == expected
+
+
+def test_later_scrapes_of_known_shape_read_the_failed_requests_from_the_known_lines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = MetricsParser("vllm")
+    assert parser.parse(page("vllm-errors"))[0]["requests_failed_total"] == 17
+
+    def no_parser(text: str) -> Any:
+        raise AssertionError("a page of known shape went through the parser again")
+    monkeypatch.setattr(runtime_module, "text_string_to_metric_families", no_parser)
+    # Every value moves, the 2xx/4xx and /v1/models lines too: only the 5xx lines of the
+    # completion endpoints, remembered as such, are summed.
+    later = page("vllm-errors").replace(
+        'handler="/v1/chat/completions",method="POST",status="5xx"} 12.0',
+        'handler="/v1/chat/completions",method="POST",status="5xx"} 40.0').replace(
+        'handler="/v1/models",method="GET",status="5xx"} 2.0',
+        'handler="/v1/models",method="GET",status="5xx"} 900.0').replace(
+        'handler="none",method="GET",status="4xx"} 17.0',
+        'handler="none",method="GET",status="4xx"} 800.0')
+    assert parser.parse(later)[0]["requests_failed_total"] == 40 + 5
+    assert parser.parse(scaled(page("vllm-errors"), 2.0))[0]["requests_failed_total"] == 34
+
+
+def test_a_first_5xx_series_on_a_known_page_is_counted() -> None:
+    parser = MetricsParser("vllm")
+    first = page("vllm")
+    assert parser.parse(first)[0]["requests_failed_total"] == 0
+    failing = first.replace(
+        "# HELP http_requests_created",
+        'http_requests_total{handler="/v1/completions",method="POST",status="5xx"} 3.0\n'
+        'http_requests_total{handler="/v1/models",method="GET",status="5xx"} 9.0\n'
+        "# HELP http_requests_created")
+    assert parser.parse(failing)[0]["requests_failed_total"] == 3
+    assert parser.parse(scaled(failing, 2.0))[0]["requests_failed_total"] == 6
+    # The counter family gone (a restart before any request): not reported, not 0.
+    fresh = "\n".join(line for line in first.splitlines() if "http_requests_total" not in line)
+    assert "requests_failed_total" not in parser.parse(fresh)[0]
 
 
 def test_a_new_series_on_a_known_page_is_counted() -> None:

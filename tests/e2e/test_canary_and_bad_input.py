@@ -56,6 +56,20 @@ async def test_a_slower_version_is_rolled_back_once_monitoring_sees_it(
     rollback = [e for e in history["events"] if e["kind"] == "rollback_started"]
     assert rollback and "chat@2" in rollback[-1]["message"]
 
+    # A version that answers half its requests with a 500: its error rate (the server's own
+    # http_requests_total{status="5xx"}, as vLLM exports it) gives it away.
+    failing = write_model_card(tmp_path / "chat-v3.toml", ttft_base_ms=5.0, itl_ms=1.0,
+                               error_rate=0.5)
+    with Client(helper, "chat") as client:
+        with pytest.raises(DeploymentFailed) as failed:
+            await asyncio.to_thread(helper.deploy_model, str(failing), name="chat", replicas=2,
+                                    timeout=60, rollback=CANARY)
+        deployment = await asyncio.to_thread(helper.wait, "chat", "chat@1", timeout=60,
+                                             rolling_back=True)
+    assert "error rate" in str(failed.value) and "chat@3" in str(failed.value)
+    assert deployment.version == "chat@1" and deployment.ready == 2
+    assert client.failures and all("(chat@3)" in f for f in client.failures)
+
 
 async def test_bad_input_is_refused_naming_its_cause(fleet: LocalFleet, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:

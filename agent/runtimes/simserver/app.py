@@ -249,11 +249,30 @@ async def _faults_and_errors(request: web.Request, handler: Handler) -> web.Stre
     if state.hung:
         await state.stopping.wait()  # never answers; the connection stays open
         raise web.HTTPServiceUnavailable()
+    # Counted as vLLM's instrumentator does: what the answer's status was, 500 when the handler
+    # raised before answering; the route template, or "none" where no route matched.
+    status = 500
     try:
         response: web.StreamResponse = await handler(request)
+        status = response.status
         return response
     except ApiError as exc:
+        status = exc.status
         return exc.response()
+    except web.HTTPException as exc:  # aiohttp's own 404/405 for unknown routes and methods
+        status = exc.status
+        raise
+    finally:
+        state.metrics.http_request(request.method, status, *_route_of(request))
+
+
+def _route_of(request: web.Request) -> tuple[str, bool]:
+    """The route template that took ``request`` (and True), or its path (and False)."""
+    resource = request.match_info.route.resource
+    if resource is None:  # a 405 has a route, for other methods: Starlette's partial match
+        resource = next((r for r in request.app.router.resources()
+                         if r.canonical == request.path), None)
+    return (resource.canonical, True) if resource is not None else (request.path, False)
 
 
 def build_app(state: SimState) -> web.Application:

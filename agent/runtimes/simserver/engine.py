@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ REQUEST_LATENCY_BUCKETS: Final = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 
                                   30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0,
                                   7680.0)
 FINISHED_REASONS: Final = ("stop", "length", "abort")
+# The routes vLLM's prometheus-fastapi-instrumentator leaves out of http_requests_total
+# (vllm/entrypoints/serve/instrumentator/metrics.py); the instrumentator matches them with
+# re.search against the route template.
+UNINSTRUMENTED_HANDLERS: Final = ("/metrics", "/health", "/health/decode", "/load", "/ping",
+                                  "/version", "/server_info")
 
 
 def prompt_tokens(chars: int) -> int:
@@ -94,6 +100,19 @@ class Metrics:
         self.queue = histogram("vllm:request_queue_time_seconds",
                                "Histogram of time spent in WAITING phase for request.",
                                REQUEST_LATENCY_BUCKETS)
+        # prometheus-fastapi-instrumentator's default counter, as vLLM's API server has it:
+        # no vLLM labels, the status grouped by its first digit ("2xx", "4xx", "5xx").
+        self._http_requests = Counter(
+            "http_requests_total", "Total number of requests by method, status and handler.",
+            ("method", "status", "handler"), registry=self.registry)
+
+    def http_request(self, method: str, status: int, handler: str, templated: bool) -> None:
+        """Count one answered request: ``handler`` is its route template, or its path where no
+        route matched (``templated`` false), which is counted as handler "none"."""
+        if any(re.search(pattern, handler) for pattern in UNINSTRUMENTED_HANDLERS):
+            return
+        self._http_requests.labels(method, f"{str(status)[0]}xx",
+                                   handler if templated else "none").inc()
 
 
 class Engine:

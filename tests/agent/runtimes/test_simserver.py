@@ -75,7 +75,7 @@ async def test_chat_and_completions_answer_like_vllm_and_the_metrics_move(
         metrics, histograms = await scrape(server, http)
     assert metrics == {"requests_running": 0, "requests_waiting": 0, "kv_cache_usage": 0,
                        "prompt_tokens_total": 11, "generation_tokens_total": 6,
-                       "requests_finished_total": 2}
+                       "requests_finished_total": 2, "requests_failed_total": 0}
     assert set(histograms) == {"ttft_seconds", "itl_seconds", "e2e_seconds", "queue_seconds"}
     assert histograms["ttft_seconds"].count == 2 and histograms["itl_seconds"].count == 3 + 1
     assert histograms["e2e_seconds"].count == 2 and histograms["queue_seconds"].count == 2
@@ -152,13 +152,52 @@ async def test_loading_answers_503_until_start_up_is_over(tmp_path: Path) -> Non
 async def test_error_rate_one_answers_every_completion_with_an_openai_error(
         tmp_path: Path) -> None:
     async with sim(tmp_path, error_rate=1.0) as (server, http):
-        for path in ("/v1/chat/completions", "/v1/completions"):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/completions"):
             status, body = await post(server, http, path, {**CHAT, "prompt": "hi"})
             assert status == 500
             assert body["error"]["type"] == "InternalServerError"
             assert body["error"]["code"] == 500
         async with http.get(server.plan.health_url) as resp:
             assert resp.status == 200
+        assert server.plan.metrics_url is not None
+        async with http.get(server.plan.metrics_url) as resp:
+            text = await resp.text()
+        metrics, _ = await scrape(server, http)
+    # The failures reach the canonical counter through vLLM's own counter and labels.
+    assert parse_metrics(text, "sim")[0]["requests_failed_total"] == 3
+    assert metrics["requests_failed_total"] == 3
+    assert metrics["requests_finished_total"] == 0  # none reached the engine
+    failed = [line for line in text.splitlines() if line.startswith("http_requests_total{")]
+    assert failed == [
+        'http_requests_total{handler="/v1/chat/completions",method="POST",status="5xx"} 1.0',
+        'http_requests_total{handler="/v1/completions",method="POST",status="5xx"} 2.0',
+    ]  # /health and /metrics are not counted, as in vLLM
+
+
+async def test_every_answer_is_counted_by_status_class_as_vllm_does(tmp_path: Path) -> None:
+    async with sim(tmp_path, **FAST) as (server, http):
+        assert (await post(server, http, "/v1/completions", {"prompt": "a", "max_tokens": 1}))[
+            0] == 200
+        assert (await post(server, http, "/v1/completions", {"prompt": "a", "max_tokens": 0}))[
+            0] == 400
+        async with http.get(server.plan.base_url + "/v1/models") as resp:
+            assert resp.status == 200
+        async with http.get(server.plan.base_url + "/v1/completions") as resp:
+            assert resp.status == 405
+        async with http.get(server.plan.base_url + "/no/such/path") as resp:
+            assert resp.status == 404
+        assert server.plan.metrics_url is not None
+        async with http.get(server.plan.metrics_url) as resp:
+            text = await resp.text()
+    counted = sorted(line for line in text.splitlines() if line.startswith("http_requests_total{"))
+    assert counted == [
+        'http_requests_total{handler="/v1/completions",method="GET",status="4xx"} 1.0',
+        'http_requests_total{handler="/v1/completions",method="POST",status="2xx"} 1.0',
+        'http_requests_total{handler="/v1/completions",method="POST",status="4xx"} 1.0',
+        'http_requests_total{handler="/v1/models",method="GET",status="2xx"} 1.0',
+        'http_requests_total{handler="none",method="GET",status="4xx"} 1.0',
+    ]
+    assert parse_metrics(text, "sim")[0]["requests_failed_total"] == 0  # 4xx are the client's
 
 
 async def test_bad_requests_get_openai_errors(tmp_path: Path) -> None:
