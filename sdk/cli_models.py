@@ -60,6 +60,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     diff.add_argument("b", metavar="B")
     diff.set_defaults(run=_diff)
 
+    pull = commands.add_parser("pull", parents=[common],
+                               help="download a version's artifact (resumes, sha256-checked)")
+    pull.add_argument("name", metavar="NAME")
+    pull.add_argument("version", nargs="?", default="production", metavar="VERSION",
+                      help="a number or an alias (default: production)")
+    pull.add_argument("-o", "--output", type=Path, help="where (default: its file name, here)")
+    pull.set_defaults(run=_pull)
+
     retire = commands.add_parser("retire", parents=[common], help="retire a version for good")
     retire.add_argument("name", metavar="NAME")
     retire.add_argument("version", type=int, metavar="VERSION")
@@ -124,6 +132,13 @@ def _diff(helper: LLMOpsHelper, args: argparse.Namespace) -> int:
         lines.append("artifact: same" if diff.artifact.same else
                      f"artifact: differs, size {diff.artifact.size_delta_bytes:+d} bytes")
     emit(args, diff, "\n".join(lines))
+    return 0
+
+
+def _pull(helper: LLMOpsHelper, args: argparse.Namespace) -> int:
+    with TransferBars() as bars:
+        path = helper.pull_model(args.name, args.version, args.output, progress=bars)
+    emit(args, {"path": str(path)}, f"wrote {path}")
     return 0
 
 

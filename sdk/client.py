@@ -160,6 +160,35 @@ class LLMOpsHelper:
         target = self._path(f"/api/v1/models/{_seg(model)}/versions", query)
         return self._decode(self._upload(target, file, size, progress), ModelVersion)
 
+    def pull_model(self, name: str, ref: int | str = "production", dest: str | os.PathLike[str]
+                   | None = None, *, progress: Progress | None = None) -> Path:
+        """Download a version's artifact to ``dest`` (default: its file name here).
+
+        What arrived before an interruption is kept in ``dest.part`` and the next call resumes
+        from it with a Range request; the file is renamed into place only once its size and
+        sha256 match the registry's.
+        """
+        version = self.get_version(name, ref)
+        if version.artifact is None:
+            raise LLMOpsError(f"{version.ref} has no artifact (its weights are at "
+                              f"{version.source_uri or 'an unknown place'})")
+        artifact = version.artifact
+        target = Path(dest) if dest is not None else Path(artifact.filename or version.ref)
+        partial = target.with_name(target.name + ".part")
+        self._download(f"/api/v1/artifacts/{artifact.sha256}", partial, artifact.size_bytes,
+                       progress)
+        try:
+            size, digest = _hash_file(partial, None)
+        except ModelFileError as exc:
+            raise LLMOpsError(f"download of {version.ref}: {exc}") from None
+        if (size, digest) != (artifact.size_bytes, artifact.sha256):
+            partial.unlink(missing_ok=True)
+            raise LLMOpsError(f"download of {version.ref} does not match the registry: "
+                              f"{size} bytes, sha256 {digest} (expected {artifact.size_bytes}, "
+                              f"{artifact.sha256}); removed, try again")
+        partial.replace(target)
+        return target
+
     def list_models(self) -> list[ModelSummary]:
         return list(self._call("GET", "/api/v1/models", _ModelList).models)
 
@@ -385,6 +414,40 @@ class LLMOpsHelper:
                 reason = _reason(sent_error or exc)
                 raise LLMOpsError(f"upload of {file} to {self.url} broke off: {reason}") from None
             return _checked(response.status, payload)
+        finally:
+            conn.close()
+
+
+    def _download(self, path: str, partial: Path, size: int, progress: Progress | None) -> None:
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:  # not a prefix of this artifact
+            partial.unlink()
+            have = 0
+        if have == size:
+            return
+        headers = self._headers()
+        headers["Range"] = f"bytes={have}-"
+        conn = self._connect()
+        try:
+            try:
+                conn.request("GET", self._prefix + path, headers=headers)
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                raise ControllerUnreachable(self.url, _reason(exc)) from None
+            if response.status >= 400:
+                _checked(response.status, response.read())
+            if response.status != 206:  # the whole file: start over
+                have = 0
+            try:
+                with partial.open("ab" if have else "wb") as f:
+                    while chunk := response.read(CHUNK_BYTES):
+                        f.write(chunk)
+                        have += len(chunk)
+                        if progress is not None:
+                            progress("download", have, size)
+            except (OSError, http.client.HTTPException) as exc:
+                raise LLMOpsError(f"download to {partial} broke off at {have} of {size} bytes: "
+                                  f"{_reason(exc)}; run it again to resume") from None
         finally:
             conn.close()
 
