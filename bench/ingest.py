@@ -103,8 +103,10 @@ def code_version() -> dict[str, Any]:
     """The commit measured, and the files of the controller changed on top of it."""
     def git(*argv: str) -> str:
         run = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=HERE.parent)
-        return run.stdout.strip() if run.returncode == 0 else ""
+        return run.stdout.rstrip() if run.returncode == 0 else ""
 
+    # rstrip only: each porcelain line starts with a two-letter status and a space, and a
+    # leading " M" stripped off the first line cut the first letter off its file name.
     changed = git("status", "--porcelain", "--", "controller", "proto", "sdk").splitlines()
     # The editable install links each module into build/ one by one: a module added since it
     # was made is not there, and the controller that runs is not quite the tree's.
@@ -112,7 +114,7 @@ def code_version() -> dict[str, Any]:
     tree = HERE.parent / "controller"
     absent = sorted(str(f.relative_to(tree)) for f in tree.rglob("*.py")
                     if not (installed / f.relative_to(tree)).exists())
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
             "uncommitted": sorted(line[3:] for line in changed),
             "controller_modules_not_installed": absent}
 
