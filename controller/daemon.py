@@ -68,6 +68,8 @@ class Controller:
         state.link_counters = lambda: {
             "connects": self.link.connects, "internal_errors": self.link.internal_errors,
             "alert_publish_failures": self.link.alert_publish_failures,
+            "command_publish_failures": self.link.command_publish_failures,
+            "commands_expired": self.link.commands_expired,
             "task_errors": self.task_errors}
         self.http_port: int | None = None
         self._gc = GcPolicy()

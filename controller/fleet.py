@@ -44,6 +44,8 @@ class HostState:
     since: float = 0.0
     status: Status | None = None
     telemetry: Telemetry | None = None
+    # The controller's wall time when ``telemetry`` arrived (its ``ts`` is the agent's clock).
+    received_at: float = 0.0
     previous: Telemetry | None = None
     interval_s: float = 1.0
     last_seen: float = 0.0  # monotonic, for staleness
@@ -111,6 +113,7 @@ class Fleet:
         if verdict is Verdict.LATE:
             return verdict, None
         state.previous, state.telemetry = state.telemetry, telemetry
+        state.received_at = wall
         state.interval_s = telemetry.interval_s or state.interval_s
         self._track_replicas(state, telemetry.replicas, telemetry.ts)
         return verdict, self._set_online(state, wall)

@@ -56,8 +56,11 @@ class ControllerCollector(Collector):
         for name, help_ in (("connects", "Broker sessions opened"),
                             ("internal_errors", "Messages whose handling hit a bug (logged)"),
                             ("alert_publish_failures", "Alerts not acknowledged on MQTT"),
+                            ("command_publish_failures", "Commands not acknowledged on MQTT"),
+                            ("commands_expired", "Commands dropped unsent past their expiry"),
                             ("task_errors", "Periodic ticks that failed (logged)")):
             yield CounterMetricFamily(f"llmops_broker_{name}", help_, value=link.get(name, 0))
+        yield from self._deployments()
         hosts = GaugeMetricFamily("llmops_fleet_hosts", "Hosts by state", labels=["state"])
         for name, n in s.fleet.counts().items():
             hosts.add_metric([name], n)
@@ -90,6 +93,22 @@ class ControllerCollector(Collector):
                                       value=a.skipped_too_many_series)
             yield GaugeMetricFamily("llmops_analytics_batch_seconds",
                                     "Duration of the last scoring batch", value=a.batch_seconds)
+
+    def _deployments(self) -> Iterator[Metric]:
+        engine = self.state.deployments
+        phase = GaugeMetricFamily("llmops_deployment_phase", "1 for the phase each deployment "
+                                  "is in", labels=["deployment", "phase"])
+        desired = GaugeMetricFamily("llmops_deployment_replicas_desired", "Replicas asked for",
+                                    labels=["deployment"])
+        ready = GaugeMetricFamily("llmops_deployment_replicas_ready", "Replicas ready",
+                                  labels=["deployment"])
+        for view in engine.list_views():
+            phase.add_metric([view["name"], view["phase"]], 1)
+            desired.add_metric([view["name"]], view["desired"])
+            ready.add_metric([view["name"]], view["ready"])
+        yield from (phase, desired, ready)
+        yield CounterMetricFamily("llmops_reconcile_errors", "Reconcile passes of a deployment "
+                                  "that failed (logged)", value=engine.tick_errors)
 
     def _gpus(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("llmops_host_up", "1 if the host is online", labels=["host"])

@@ -15,6 +15,7 @@ each message the moment it is read, before the controller has looked at it).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import aiomqtt
@@ -40,7 +41,7 @@ ALERT_PUBLISH_TIMEOUT_S = 30.0
 
 class ControllerLink:
     def __init__(self, config: BrokerConfig, handle: Callable[[str, bytes | bytearray], None],
-                 alerts: MqttSink, commands: asyncio.Queue[tuple[str, bytes]],
+                 alerts: MqttSink, commands: asyncio.Queue[tuple[str, bytes, float]],
                  password: str | None = None) -> None:
         self.config = config
         self.handle = handle
@@ -50,11 +51,15 @@ class ControllerLink:
         self.connected = False
         self.internal_errors = 0
         self.alert_publish_failures = 0
-        # Signed commands for agents, (topic, payload), sent QoS 1 in order. A command queued
-        # while the broker is away waits here; the agent's persistent session queues it in the
-        # broker while the agent is away. Either way its ``expires_at`` bounds how late it acts.
+        # Signed commands for agents, (topic, payload, expires_at), sent QoS 1 in order. The
+        # queue is bounded and filled only while the link is up; one that expired waiting
+        # (the link dropped with it queued) is dropped and counted, not sent: the agent would
+        # refuse it. The agent's persistent session queues it in the broker while the agent
+        # is away; its ``expires_at`` bounds how late it acts.
         self.commands = commands
         self.command_publish_failures = 0
+        self.commands_expired = 0
+        self.clock: Callable[[], float] = time.time
 
     def _client(self) -> aiomqtt.Client:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -124,13 +129,22 @@ class ControllerLink:
 
     async def _publish_commands(self, client: aiomqtt.Client) -> None:
         while True:
-            topic, payload = await self.commands.get()
+            topic, payload = await self.next_command()
             try:
                 await client.publish(topic, payload, qos=1, timeout=ALERT_PUBLISH_TIMEOUT_S)
             except aiomqtt.MqttError as exc:
                 # The reconciler sends again what an agent does not act on; count and go on.
                 self.command_publish_failures += 1
                 log.warning("command_publish_failed", topic=topic, error=str(exc))
+
+    async def next_command(self) -> tuple[str, bytes]:
+        """The next queued command still within its expiry; expired ones dropped, counted."""
+        while True:
+            topic, payload, expires_at = await self.commands.get()
+            if expires_at >= self.clock():
+                return topic, payload
+            self.commands_expired += 1
+            log.warning("command_expired_unsent", topic=topic)
 
     async def _publish_alerts(self, client: aiomqtt.Client) -> None:
         while True:

@@ -15,7 +15,7 @@ from llm_ops_helper.controller.alerts import AlertManager
 from llm_ops_helper.controller.analytics.bank import BankFileError, DetectorBank
 from llm_ops_helper.controller.anomalies import Analytics, Detection, SeriesInfo
 from llm_ops_helper.controller.config import ConfigError, ControllerConfig
-from llm_ops_helper.controller.deployments.commands import CommandSender
+from llm_ops_helper.controller.deployments.commands import CommandError, CommandSender
 from llm_ops_helper.controller.deployments.reconciler import Deployments, EngineConfig
 from llm_ops_helper.controller.deployments.store import DeploymentStore
 from llm_ops_helper.controller.fleet import Fleet
@@ -28,6 +28,8 @@ log = structlog.get_logger("llmops.controller")
 
 DB_FILE = "controller.db"
 DETECTORS_FILE = "detectors.npz"
+# Signed commands waiting for the broker link at most; beyond, a send fails (and is retried).
+COMMAND_QUEUE_MAX = 10_000
 
 
 @dataclass
@@ -41,8 +43,8 @@ class ControllerState:
     mqtt_alerts: MqttSink
     registry: Registry
     deployments: Deployments
-    # Signed commands waiting for the broker link, (topic, payload).
-    commands_out: asyncio.Queue[tuple[str, bytes]]
+    # Signed commands waiting for the broker link, (topic, payload, expires_at).
+    commands_out: asyncio.Queue[tuple[str, bytes, float]]
     webhooks: list[WebhookSender] = field(default_factory=list)
     # Where agents reach the API (artifact downloads): the configured advertise_url, else the
     # address the HTTP server bound (the daemon sets it once bound).
@@ -122,7 +124,8 @@ def build_state(config: ControllerConfig) -> ControllerState:
     ingest = Ingest(fleet, alerts, analytics, config.fleet, config.rules)
     registry = Registry(config.state_dir / DB_FILE, config.blob_dir,
                         max_artifact_bytes=config.registry.max_upload_bytes or None)
-    commands_out: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    commands_out: asyncio.Queue[tuple[str, bytes, float]] = asyncio.Queue(
+        maxsize=COMMAND_QUEUE_MAX)
 
     def secret_for(host: str) -> bytes:
         try:
@@ -134,9 +137,20 @@ def build_state(config: ControllerConfig) -> ControllerState:
                               "commands")
         return secret
 
-    sender = CommandSender(config.commands.key_id, secret_for,
-                           lambda topic, payload: commands_out.put_nowait((topic, payload)),
-                           ttl_s=config.commands.ttl_s)
+    ttl_s = config.commands.ttl_s
+
+    def publish(topic: str, payload: bytes) -> None:
+        # Nothing is queued for a link that is down: the reconciler sends again what an agent
+        # has not acted on, once the link is back and the agent reports.
+        if not state.link_connected():
+            raise CommandError("the broker link is down")
+        try:
+            commands_out.put_nowait((topic, payload, time.time() + ttl_s))
+        except asyncio.QueueFull:
+            raise CommandError(f"{COMMAND_QUEUE_MAX} commands already wait for the broker "
+                               "link") from None
+
+    sender = CommandSender(config.commands.key_id, secret_for, publish, ttl_s=ttl_s)
     d = config.deployments
     deployments = Deployments(
         DeploymentStore(config.state_dir / DB_FILE), fleet,
@@ -145,6 +159,7 @@ def build_state(config: ControllerConfig) -> ControllerState:
         EngineConfig(reconcile_interval_s=d.reconcile_interval_s,
                      command_retry_s=d.command_retry_s, host_lost_grace_s=d.host_lost_grace_s))
     registry.in_use = deployments.refs_in_use
+    deployments.link_up = lambda: state.link_connected()
     ingest.on_event = deployments.on_event
     ingest.on_result = deployments.on_result
     state = ControllerState(config, store, fleet, alerts, ingest, analytics, mqtt_alerts,

@@ -45,7 +45,9 @@ def _errors(handler: _Handler) -> _Handler:
 
 
 def _user(request: web.Request) -> str:
-    return request.headers.get(USER_HEADER, "").strip() or "anonymous"
+    """Who asked, as the registry keeps it: at most 200 characters, printable ones only."""
+    raw = request.headers.get(USER_HEADER, "").strip()[:200]
+    return "".join(c for c in raw if c.isprintable()) or "anonymous"
 
 
 async def _body(request: web.Request, type_: type[Any], what: str) -> Any:
@@ -94,7 +96,7 @@ async def endpoints(request: web.Request) -> web.Response:
 
 async def history(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "200")
-    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 5) or not 1 <= int(raw) <= 10_000:
         raise Invalid(f"parameter 'limit': expected an integer 1..10000, got {raw!r}")
     return _respond(request.app[ENGINE].history(request.match_info["name"], int(raw)))
 

@@ -57,6 +57,7 @@ class ResolvedVersion(Protocol):
 
 class ModelResolver(Protocol):
     def resolve(self, ref: str) -> ResolvedVersion: ...
+    def has_artifact(self, sha256: str) -> bool: ...
 
 
 def resolve(registry: ModelResolver, ref: str) -> ModelInfo:

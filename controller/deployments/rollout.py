@@ -50,6 +50,10 @@ class ReplicaView:
     # What its agent reports (telemetry or a replica_state event, the newer); None: nothing.
     state: str | None = None
     reason: str | None = None
+    # Its host reported since the controller started. Until then what the agent last said
+    # (a snapshot from before a restart, or nothing) is unknown, not "not ready": the planner
+    # neither stops, drains nor resends for it.
+    observed: bool = False
     # The host reported since the last command: a replica it does not mention is not there.
     reported_after_send: bool = False
     host_online: bool = True
@@ -60,6 +64,8 @@ class ReplicaView:
     # Never ready by then: failed (the controller's backstop behind the agent's ready timeout).
     deadline: float = float("inf")
     drain_timeout_s: float = 30.0
+    # When it was first told to drain or stop (None: it was not).
+    winding_since: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -101,10 +107,8 @@ def failure(r: ReplicaView, now: float) -> str | None:
         return r.failed
     if r.state == "failed":
         return f"replica {r.name} on {r.host} failed: {r.reason or 'no reason given'}"
-    if r.state == "stopped":
-        return f"replica {r.name} on {r.host} was stopped by its agent: " \
-               f"{r.reason or 'no reason given'}"
-    if r.host_online and not r.ever_ready and r.state != "ready" and now > r.deadline:
+    if r.observed and r.host_online and not r.ever_ready and r.state != "ready" \
+            and now > r.deadline:
         last = r.state or "not reported"
         return (f"replica {r.name} on {r.host} not ready {now - r.created_at:.0f} s after it "
                 f"was placed (last state: {last})")
@@ -117,17 +121,23 @@ def _retire(p: Plan, r: ReplicaView, why: str) -> None:
 
 
 def _winding_down(p: Plan, r: ReplicaView, now: float, timing: Timing) -> None:
-    """A draining or stopping replica: gone yet, or does its command need repeating?"""
-    if not r.host_online:
+    """A draining or stopping replica: gone yet, or does its command need repeating? A drain
+    that has not finished by its timeout (plus some slack) becomes a stop, whatever the agent
+    says meanwhile (still draining, or still ready because it refuses the command)."""
+    if not r.host_online or not r.observed:
         return
     if r.state == "stopped" or (r.state is None and r.reported_after_send):
         p.forget.append(Forget(r.name, "stopped", f"{r.host} reports it stopped"))
         return
     waited = now - r.sent_at
-    if r.phase == "draining" and r.state == "draining":
-        if waited > r.drain_timeout_s + 3 * timing.retry_s:
-            p.stop.append((r.name, f"still draining {waited:.0f} s after the drain command"))
-        return
+    if r.phase == "draining":
+        since = now - (r.sent_at if r.winding_since is None else r.winding_since)
+        if since > r.drain_timeout_s + 3 * timing.retry_s:
+            p.stop.append((r.name, f"still {r.state or 'there'} {since:.0f} s after the "
+                                   "drain command"))
+            return
+        if r.state == "draining":
+            return
     if waited >= timing.retry_s:
         p.resend.append(r.name)
 
@@ -144,13 +154,19 @@ def plan(d: Deployment, replicas: Sequence[ReplicaView], versions: Mapping[int, 
                                    f"{timing.lost_grace_s:.0f} s)"))
         elif r.phase != "active":
             _winding_down(p, r, now, timing)
+        elif r.state == "stopped" and r.observed and r.failed is None:
+            # Stopped by its agent (one restarting with stop_replicas_on_exit, an operator):
+            # not a failure of its version; a replacement is placed.
+            p.forget.append(Forget(r.name, "stopped", f"its agent on {r.host} stopped it ("
+                                   f"{r.reason or 'no reason given'}); replacing it"))
         else:
             live.append(r)
     version = versions.get(d.revision, f"revision {d.revision}")
 
     if d.deleting:
         for r in live:
-            _retire(p, r, "deployment deleted")
+            if r.observed:  # a ready one is drained: wait until its host says which it is
+                _retire(p, r, "deployment deleted")
         left = len(replicas) - len(p.forget)
         p.remove = left == 0
         p.phase, p.message = "deleting", f"deleting: {_plural(left, 'replica')} left"
@@ -178,8 +194,15 @@ def plan(d: Deployment, replicas: Sequence[ReplicaView], versions: Mapping[int, 
     desired = d.spec.replicas
     if p.rollback is None and failed is None:
         _advance(p, d, new, old, now, timing)
+    elif failed is not None and rolling and any(r.ready for r in old):
+        # The old version still serves: the new one, which failed, serves no more.
+        for r in new:
+            if r.observed:
+                _retire(p, r, f"rollout of {version} failed")
     for r in active:
-        if r.host_online and r.state is None and now - r.sent_at >= timing.retry_s:
+        # Resent only when its host has reported since the command and does not mention it.
+        if r.host_online and r.state is None and r.reported_after_send \
+                and now - r.sent_at >= timing.retry_s:
             p.resend.append(r.name)
 
     if p.rollback is not None:
@@ -227,8 +250,9 @@ def _advance(p: Plan, d: Deployment, new: list[ReplicaView], old: list[ReplicaVi
             hold = True
     for r in old:
         # Not serving, so nothing to wait for; one on a host that is away (an agent
-        # restarting) is left alone until it is back or given up on.
-        if not r.ready and r.host_online:
+        # restarting) or not heard from since the controller started is left alone until it
+        # is back or given up on.
+        if not r.ready and r.host_online and r.observed:
             p.stop.append((r.name, f"not ready; replaced by revision {d.revision}"))
     drained = 0
     per_host = Counter(r.host for r in new + old_ready)  # keep the spread of what stays
@@ -239,11 +263,12 @@ def _advance(p: Plan, d: Deployment, new: list[ReplicaView], old: list[ReplicaVi
             p.drain.append((name, f"rolling update to revision {d.revision}"))
             drained += 1
     if len(new) > desired:
-        by_name = {r.name: r for r in new}
-        for name in pick_victims(_victim_rows(new), len(new) - desired):
+        known = [r for r in new if r.observed]
+        by_name = {r.name: r for r in known}
+        for name in pick_victims(_victim_rows(known), min(len(known), len(new) - desired)):
             _retire(p, by_name[name], f"scale down to {desired}")
     elif old:
-        kept = sum(1 for r in old if r.ready or not r.host_online) - drained
+        kept = sum(1 for r in old if r.ready or not r.host_online or not r.observed) - drained
         room = desired + spec.max_surge - (len(new) + kept)
         p.create = 0 if hold else max(0, min(desired - len(new), room))
     else:

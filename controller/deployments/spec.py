@@ -24,8 +24,12 @@ ARTIFACT_RUNTIMES: Final = frozenset({"llamacpp", "sim"})
 NAME: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?")
 MODEL_REF: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}(?:@[A-Za-z0-9._-]{1,63})?")
 ENV_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The most replicas one deployment may ask for (spec, /scale): a typo of 20000 must not make
+# the controller place twenty thousand replicas.
+MAX_REPLICAS: Final = 1000
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+ReplicaCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
@@ -52,12 +56,12 @@ class DeploymentSpec(_Strict, kw_only=True, frozen=True):
     runtime: str | None = None
     args: list[str] = []
     env: dict[str, str] = {}
-    replicas: NonNegInt = 1
+    replicas: ReplicaCount = 1
     gpus_per_replica: NonNegInt = 1
     # Per GPU; 0: estimated from the artifact (size x 1.2 + 256 MiB), or most of a GPU.
     gpu_memory_bytes: NonNegInt = 0
-    min_replicas: NonNegInt = 0
-    max_replicas: NonNegInt | None = None
+    min_replicas: ReplicaCount = 0
+    max_replicas: ReplicaCount | None = None
     max_surge: NonNegInt = 1
     max_unavailable: NonNegInt = 0
     ready_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
@@ -125,8 +129,8 @@ def check_spec(spec: DeploymentSpec) -> None:
 
 
 def check_replicas(spec: DeploymentSpec, replicas: int) -> None:
-    if replicas < 0:
-        raise Invalid(f"replicas: expected an int >= 0, got {replicas}")
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise Invalid(f"replicas: expected an int from 0 to {MAX_REPLICAS}, got {replicas}")
     if replicas < spec.min_replicas:
         raise Invalid(f"replicas: {replicas} is below min_replicas {spec.min_replicas}")
     if spec.max_replicas is not None and replicas > spec.max_replicas:

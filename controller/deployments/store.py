@@ -10,6 +10,8 @@ file may be shared with other parts of the controller.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -114,6 +116,11 @@ class Deployment(msgspec.Struct, kw_only=True):
     canary_done: bool = False
     # Why the last placement attempt left replicas unplaced (None: all placed).
     refused: str | None = None
+    # Replicas that failed in a row (reset once the deployment is available), the last
+    # failure, and no new replica before ``backoff_until``.
+    failures: int = 0
+    last_failure: str | None = None
+    backoff_until: float | None = None
 
 
 class ReplicaRecord(msgspec.Struct, kw_only=True):
@@ -135,6 +142,10 @@ class ReplicaRecord(msgspec.Struct, kw_only=True):
     failed: str | None = None
     ready_at: float | None = None
     why: str = ""
+    # When it was first told to drain or stop (``sent_at`` moves with every resend).
+    wound_down_at: float | None = None
+    # The agent's error for the last drain or stop command, if it refused it.
+    command_error: str | None = None
 
 
 class EventRow(msgspec.Struct, kw_only=True, frozen=True):
@@ -176,6 +187,13 @@ class DeploymentStore:
     def close(self) -> None:
         self.db.close()
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The writes inside are kept together or not at all."""
+        with self.db:
+            self.db.execute("BEGIN")
+            yield
+
     def deployments(self) -> list[Deployment]:
         rows = self.db.execute("SELECT body FROM deployments ORDER BY name")
         return [_deployment.decode(body) for (body,) in rows]
@@ -211,7 +229,8 @@ class DeploymentStore:
     def save_replica(self, r: ReplicaRecord) -> None:
         self.db.execute("INSERT INTO deployment_replicas (name, deployment, revision, host, body)"
                         " VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
-                        " body=excluded.body", (r.name, r.deployment, r.revision, r.host, _enc(r)))
+                        " revision=excluded.revision, host=excluded.host, body=excluded.body",
+                        (r.name, r.deployment, r.revision, r.host, _enc(r)))
 
     def delete_replica(self, name: str) -> None:
         self.db.execute("DELETE FROM deployment_replicas WHERE name = ?", (name,))

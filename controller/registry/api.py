@@ -18,6 +18,7 @@ from llm_ops_helper.controller.registry.errors import Invalid, RegistryError, To
 from llm_ops_helper.controller.registry.records import (
     NewVersion,
     check_sha256,
+    is_number,
     parse_parameters,
     parse_tag,
 )
@@ -204,8 +205,8 @@ async def _body(request: web.Request, kind: type[_T]) -> _T:
 
 
 def _number(raw: str, what: str) -> int:
-    if not raw.isdigit():
-        raise Invalid(f"{what} {raw!r}: expected a number")
+    if not is_number(raw):
+        raise Invalid(f"{what} {raw!r}: expected a number of at most 9 digits")
     return int(raw)
 
 

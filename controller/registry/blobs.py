@@ -75,6 +75,19 @@ class BlobStore:
             raise StorageError(f"cannot delete blob {sha256}: {exc}") from None
         return True
 
+    def detach(self, sha256: str) -> Path | None:
+        """Move a blob out of its name into ``tmp/`` (a rename: quick, and the name is free at
+        once for an upload of the same bytes); the file to delete, None if there was none.
+        Deleting a file of many GB takes a while: the caller does it off the event loop."""
+        trash = self.tmp / f"deleted-{sha256}-{os.urandom(4).hex()}"
+        try:
+            os.replace(self.path(sha256), trash)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot delete blob {sha256}: {exc}") from None
+        return trash
+
     def blobs(self) -> list[str]:
         return [p.name for d in self.root.iterdir() if d.is_dir() and d != self.tmp
                 for p in d.iterdir() if SHA256.fullmatch(p.name)]

@@ -85,9 +85,15 @@ def check_name(kind: str, value: str) -> str:
 
 def check_alias(value: str) -> str:
     check_name("alias", value)
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         raise Invalid(f"alias {value!r}: an alias may not be a number (numbers are versions)")
     return value
+
+
+def is_number(value: str) -> bool:
+    """ASCII digits only (``str.isdigit`` takes Arabic-Indic digits and superscripts too),
+    at most 9 of them."""
+    return value.isascii() and value.isdigit() and len(value) <= 9
 
 
 def check_sha256(value: str) -> str:
@@ -125,6 +131,6 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     check_name("model", name)
     if not sep:
         return name, None
-    if not selector.isdigit():
+    if not is_number(selector):
         check_alias(selector)
     return name, selector

@@ -45,6 +45,7 @@ from llm_ops_helper.controller.registry.records import (
     check_alias,
     check_name,
     check_sha256,
+    is_number,
     split_ref,
 )
 from llm_ops_helper.controller.registry.schema import SCHEMA, SCHEMA_VERSION
@@ -71,6 +72,8 @@ class Registry:
         self.clock = clock
         # Digests of uploads between staging and their row: never collected.
         self._pending: Counter[str] = Counter()
+        # Deletions of collected blobs running in worker threads.
+        self._deleting: set[asyncio.Task[None]] = set()
         try:
             self.db = database.connect(db_path)
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -197,7 +200,7 @@ class Registry:
     def version(self, name: str, selector: str) -> Version:
         """Version ``N`` or the one alias ``selector`` points at, whatever its stage."""
         self._model(name)
-        if selector.isdigit():
+        if is_number(selector):
             return self._version(name, int(selector))
         aliases = self.aliases(name)
         if check_alias(selector) not in aliases:
@@ -224,6 +227,9 @@ class Registry:
             raise Conflict(f"{found.ref} is retired (its artifact may be gone): deploy "
                            "another version")
         return found
+
+    def has_artifact(self, sha256: str) -> bool:
+        return self.blobs.exists(sha256)
 
     def artifact_path(self, sha256: str) -> Path:
         check_sha256(sha256)
@@ -362,8 +368,29 @@ class Registry:
                                " stage != 'retired'", (sha256,)).fetchone()[0]
         if live or sha256 in self._pending or sha256 in self._in_use_digests():
             return
-        if self.blobs.delete(sha256):
-            log.info("blob_collected", sha256=sha256)
+        trash = self.blobs.detach(sha256)
+        if trash is None:
+            return
+        log.info("blob_collected", sha256=sha256)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a tool, a test): delete here
+            trash.unlink(missing_ok=True)
+            return
+        task = asyncio.create_task(self._unlink(trash))
+        self._deleting.add(task)
+        task.add_done_callback(self._deleting.discard)
+
+    async def _unlink(self, trash: Path) -> None:
+        try:
+            await asyncio.to_thread(trash.unlink, missing_ok=True)
+        except OSError as exc:  # left in tmp/, which start-up empties
+            log.error("blob_delete_failed", path=str(trash), error=str(exc))
+
+    async def settle(self) -> None:
+        """Wait for the blob deletions under way."""
+        if self._deleting:
+            await asyncio.gather(*self._deleting)
 
     def _in_use_digests(self) -> set[str]:
         found: set[str] = set()

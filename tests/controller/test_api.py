@@ -6,6 +6,7 @@ import random
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -80,6 +81,13 @@ async def test_metrics_is_valid_prometheus_text_with_fleet_and_ingest_figures(
     state: ControllerState = api.state  # type: ignore[attr-defined]
     feed(state, "gpu-1", [60.0, 61.0])
     state.ingest.handle("llmops/v1/agents/gpu-1/telemetry", b"{oops")
+    state.ingest.handle("llmops/v1/agents/gpu-1/status", encode(msgspec.structs.replace(
+        status("gpu-1", ts=time.time()), runtimes=["sim"])))
+    upload = await api.post("/api/v1/models/m/versions?filename=m.toml", data=b"[sim]\n")
+    assert upload.status == 201, await upload.text()
+    deploy = await api.put("/api/v1/deployments/chat",
+                           json={"model": "m@1", "replicas": 3, "gpus_per_replica": 0})
+    assert deploy.status == 201, await deploy.text()
     response = await api.get("/metrics")
     assert response.status == 200 and response.content_type == "text/plain"
     families = {f.name: f for f in text_string_to_metric_families(await response.text())}
@@ -93,3 +101,8 @@ async def test_metrics_is_valid_prometheus_text_with_fleet_and_ingest_figures(
     assert samples[("llmops_fleet_gpus", (("state", "healthy"),))] == 1
     assert samples[("llmops_fleet_gpu_temperature_max_celsius", ())] == 61.0
     assert samples[("llmops_analytics_samples_total", ())] > 0
+    assert samples[("llmops_deployment_replicas_desired", (("deployment", "chat"),))] == 3
+    assert samples[("llmops_deployment_replicas_ready", (("deployment", "chat"),))] == 0
+    assert samples[("llmops_deployment_phase", (("deployment", "chat"),
+                                                ("phase", "progressing")))] == 1
+    assert samples[("llmops_broker_commands_expired_total", ())] == 0

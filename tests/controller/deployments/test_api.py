@@ -107,3 +107,15 @@ async def test_bad_scale_and_rollback_bodies(client: TestClient) -> None:  # typ
     assert r.status == 409 and "no version before tiny@1" in (await r.json())["error"]
     r = await client.get(f"{BASE}/chat/history?limit=x")
     assert r.status == 400 and "parameter 'limit'" in (await r.json())["error"]
+    for odd in ("\u0661\u0662", "\u00b2", "9" * 400):  # Arabic-Indic, superscript, huge
+        r = await client.get(f"{BASE}/chat/history", params={"limit": odd})
+        assert r.status == 400 and "parameter 'limit'" in (await r.json())["error"]
+
+
+async def test_the_user_header_is_kept_short_and_printable(client: TestClient,  # type: ignore[type-arg]
+                                                           world: World) -> None:
+    r = await client.put(f"{BASE}/chat", json={"model": "tiny@1", "rollback": NO_CANARY},
+                         headers={"X-LLMOps-User": "m\xadallory" + "x" * 500})
+    assert r.status == 201
+    by = world.engine.get("chat")["created_by"]
+    assert by == ("mallory" + "x" * 500)[:199]

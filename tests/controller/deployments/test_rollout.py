@@ -35,7 +35,7 @@ def deployment(revision: int = 1, stable: int | None = 1, replicas: int = 2,
 
 def replica(name: str, revision: int = 1, state: str | None = "ready", host: str = "a",
             **fields: Any) -> ReplicaView:
-    base: dict[str, Any] = dict(created_at=NOW - 100, sent_at=NOW - 100,
+    base: dict[str, Any] = dict(created_at=NOW - 100, sent_at=NOW - 100, observed=True,
                                 reported_after_send=True, ever_ready=state == "ready")
     return ReplicaView(name=name, revision=revision, host=host, state=state, **(base | fields))
 
@@ -348,3 +348,19 @@ def test_old_replica_on_a_host_that_is_away_is_left_alone_in_a_rollout() -> None
     p = plan(deployment(revision=2, stable=1), [replica("o1"), away], VERSIONS, NOW)
     assert p.stop == [] and p.drain == []
     assert p.create == 1  # within surge: 2 old + 1 new
+
+
+def test_replicas_not_heard_of_since_start_get_no_decision() -> None:
+    # After a controller restart, before telemetry: state unknown, not "not ready".
+    unknown = {"state": None, "observed": False, "reported_after_send": False,
+               "sent_at": NOW - 1000}
+    old = [replica("o1", **unknown), replica("o2", host="b", **unknown)]
+    p = plan(deployment(revision=2, stable=1), old, VERSIONS, NOW)
+    assert (p.stop, p.drain, p.resend, p.create) == ([], [], [], 1)  # within the surge
+    p = plan(deployment(replicas=1), old, VERSIONS, NOW)
+    assert (p.stop, p.drain, p.resend) == ([], [], [])  # no scale-down victim either
+    p = plan(deployment(deleting=True), old, VERSIONS, NOW)
+    assert (p.stop, p.drain, p.remove) == ([], [], False)
+    draining = [replica("d1", phase="draining", **unknown)]
+    p = plan(deployment(), draining, VERSIONS, NOW)
+    assert (p.stop, p.resend, p.forget) == ([], [], [])

@@ -57,6 +57,9 @@ def test_everything_round_trips_through_a_reopened_file(tmp_path: Path) -> None:
     replica.phase = "draining"
     again.save_replica(replica)
     assert again.replicas()[0].phase == "draining"
+    replica.revision = 2  # relabelled by a rollback to its template: the column follows
+    again.save_replica(replica)
+    assert again.db.execute("SELECT revision FROM deployment_replicas").fetchall() == [(2,)]
     again.delete_replica(replica.name)
     assert again.replicas() == []
     again.save_replica(replica)

@@ -88,6 +88,11 @@ class World:
         command_retry_s=10.0, host_lost_grace_s=60.0))
     # Hosts whose agent is away: they send nothing.
     down: set[str] = field(default_factory=set)
+    # Seconds each agent's clock is off from the controller's.
+    skew: dict[str, float] = field(default_factory=dict)
+    statuses: dict[str, Status] = field(default_factory=dict)
+    # Whether the controller's broker link is up.
+    link: bool = True
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
@@ -106,9 +111,11 @@ class World:
                                lambda topic, payload: self.published.append((topic, payload)),
                                clock=self.clock)
         store = DeploymentStore(self.tmp / "controller.db")
-        return Deployments(store, self.fleet, lambda: self.alerts.values(), self.registry,
-                           sender, lambda sha: f"http://head:8470/api/v1/artifacts/{sha}",
-                           self.config, clock=self.clock)
+        engine = Deployments(store, self.fleet, lambda: self.alerts.values(), self.registry,
+                             sender, lambda sha: f"http://head:8470/api/v1/artifacts/{sha}",
+                             self.config, clock=self.clock)
+        engine.link_up = lambda: self.link
+        return engine
 
     # -- hosts -------------------------------------------------------------------------------
 
@@ -118,11 +125,30 @@ class World:
         self.down.discard(name)
         inventory = [GpuInfo(index=i, uuid=f"GPU-{name}-{i}", name="A100",
                              memory_total_bytes=gpu_gib * GIB) for i in range(gpus)]
-        self.fleet.apply_status(Status(host=name, state="online", ts=self.clock(),
-                                       run_id="run1", interval_s=1.0, gpus=inventory,
-                                       runtimes=list(runtimes)), 0.0, self.clock())
+        self.statuses[name] = Status(host=name, state="online", ts=self.clock(), run_id="run1",
+                                     interval_s=1.0, gpus=inventory, runtimes=list(runtimes))
+        self.fleet.apply_status(self.statuses[name], 0.0, self.clock())
         self._gpus = {**getattr(self, "_gpus", {}), name: (gpus, gpu_gib)}
         self.report(name)
+
+    def restart(self, broker: bool = True) -> None:
+        """The controller restarts: a new process (fleet and engine afresh, from SQLite). With
+        the broker up, the agents' retained statuses arrive first; telemetry comes with the
+        next :meth:`report` or :meth:`step`. Without it, the controller hears nothing."""
+        self.engine.store.close()
+        self.fleet = Fleet()
+        self.clock.advance(0.5)
+        self.link = broker
+        self.engine = self.new_engine()
+        if broker:
+            self.broker_back()
+
+    def broker_back(self) -> None:
+        """The broker link (re)connects: the retained statuses arrive."""
+        self.link = True
+        for host, status in self.statuses.items():
+            if host not in self.down:
+                self.fleet.apply_status(status, 0.0, self.clock())
 
     def offline(self, name: str) -> None:
         self.down.add(name)
@@ -140,7 +166,8 @@ class World:
             gpus = [GpuSample(index=i, uuid=f"GPU-{host}-{i}", memory_total_bytes=size * GIB,
                               memory_used_bytes=used[i]) for i in range(count)]
             self.fleet.apply_telemetry(
-                Telemetry(host=host, run_id="run1", seq=next(self._seq), ts=self.clock(),
+                Telemetry(host=host, run_id="run1", seq=next(self._seq),
+                          ts=self.clock() + self.skew.get(host, 0.0),
                           interval_s=1.0, gpus=gpus,
                           replicas=list(self.agents[host].values())), 0.0, self.clock())
 
@@ -189,7 +216,8 @@ class World:
     def event(self, host: str, name: str, state: str, reason: str | None = None) -> Event:
         self.set(host, name, state, reason=reason)
         r = self.agents[host][name]
-        return Event(host=host, ts=self.clock(), kind="replica_state", replica=name,
+        return Event(host=host, ts=self.clock() + self.skew.get(host, 0.0),
+                     kind="replica_state", replica=name,
                      severity="warning" if state == "failed" else "info",
                      data={"state": state, "reason": reason, "deployment": r.deployment,
                            "version": r.version, "url": r.url, "restarts": 0})

@@ -188,6 +188,9 @@ async def test_stage_errors_and_in_use(h: Harness) -> None:
     assert "$.stage" in bad["error"]
     await h.call("POST", "/api/v1/models/tiny/versions/1/stage", 400, data=b"{oops")
     await h.call("POST", "/api/v1/models/tiny/versions/x/stage", 400, json={"stage": "staging"})
+    for odd in ("%D9%A1", "%C2%B2", "9" * 30):  # an Arabic-Indic 1, a superscript 2, too long
+        await h.call("POST", f"/api/v1/models/tiny/versions/{odd}/stage", 400,
+                     json={"stage": "staging"})
     h.in_use.add("tiny@1")
     busy = await h.call("POST", "/api/v1/models/tiny/versions/1/stage", 409,
                         json={"stage": "retired"})

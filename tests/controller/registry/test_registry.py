@@ -173,6 +173,8 @@ async def test_resolve_three_forms(registry: Registry) -> None:
         await add(registry, "tiny", gguf())
     assert registry.resolve("tiny").ref == "tiny@3"  # no production: latest not retired
     registry.set_stage("tiny", 3, "retired")
+    with pytest.raises(Invalid):  # an Arabic-Indic 1 is no version number
+        registry.resolve("tiny@\u0661")
     assert registry.resolve("tiny").ref == "tiny@2"
     registry.set_stage("tiny", 1, "staging")
     registry.set_stage("tiny", 1, "production")
@@ -287,6 +289,11 @@ async def test_an_upload_racing_a_retire_keeps_its_blob(registry: Registry) -> N
     await halfway.wait()
     registry.set_stage("tiny", 1, "retired")  # the only live user: its blob goes
     assert not registry.blobs.exists(old.artifact.sha256)
+    # ...its name at once; the file itself is deleted by a worker thread, off the loop.
+    assert len([p for p in registry.blobs.tmp.iterdir() if p.name.startswith("deleted-")]) == 1
+    await registry.settle()
+    assert [p.name for p in registry.blobs.tmp.iterdir()
+            if p.name.startswith("deleted-")] == []
     go_on.set()
     new = await upload
     assert new.artifact and new.artifact.sha256 == old.artifact.sha256
