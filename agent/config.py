@@ -101,6 +101,8 @@ class SupervisorConfig(Section, kw_only=True, frozen=True):
     stop_replicas_on_exit: bool = False
     # Per artifact download (a 100 GB model on 1 GbE takes ~15 min).
     download_timeout_s: Positive = 3600.0
+    # A running replica's log is cut back to its last part once it grows past this.
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=1 << 16)] = 64 << 20
 
     @property
     def state_path(self) -> Path:

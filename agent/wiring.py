@@ -61,7 +61,10 @@ def build_supervisor(config: AgentConfig, gpus: GpuCollector | None) -> Supervis
     from llm_ops_helper.agent.runtimes.registry import RUNTIMES
 
     supervisor = Supervisor(config.supervisor, host=config.hostname, runtimes=RUNTIMES,
-                            inventory=lambda: gpus.inventory() if gpus is not None else [])
+                            inventory=lambda: gpus.inventory() if gpus is not None else [],
+                            # Simulated GPUs (explicit, or "auto" without NVML) have made-up
+                            # UUIDs: replicas get indices, never those.
+                            gpu_uuids=isinstance(gpus, NvmlCollector))
     try:
         supervisor.prepare()
     except SupervisorError as exc:

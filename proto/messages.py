@@ -8,7 +8,7 @@ Units are in the field name (``_bytes``, ``_w``, ``_c``, ``_mhz``, ``_pct``, ``_
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -218,11 +218,18 @@ class CommandKind(enum.StrEnum):
     SYNC = "sync"
 
 
+# Bounds checked when a command body is decoded: a value outside them is refused with the
+# field's name instead of reaching a path, a timer or a crash-loop window.
+Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+_Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400 * 7)]
+_Timeout = Annotated[float, msgspec.Meta(ge=0, le=86400)]
+
+
 class ArtifactRef(_Msg, kw_only=True, frozen=True):
     """A model artifact in the controller's repository, as an agent fetches it."""
 
-    sha256: str
-    size_bytes: int
+    sha256: Sha256
+    size_bytes: Annotated[int, msgspec.Meta(ge=0)]
     # Absolute URL of the download (Range requests supported), e.g.
     # http://head:8470/api/v1/artifacts/<sha256>.
     url: str
@@ -257,11 +264,13 @@ class ReplicaSpec(_Msg, kw_only=True, frozen=True):
     metrics_path: str | None = "/metrics"
     # Which metric_names.toml table reads its /metrics (the "command" runtime; others: own).
     metrics_format: str | None = None
-    ready_timeout_s: float = 300.0
+    ready_timeout_s: _Seconds = 300.0
     # Restarts within the window beyond which the replica is failed ("crash loop").
-    crash_loop_restarts: int = 3
-    crash_loop_window_s: float = 300.0
-    drain_timeout_s: float = 30.0
+    crash_loop_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
+    crash_loop_window_s: _Seconds = 300.0
+    # The drain timeout of a ``drain_replica`` / ``stop_replica`` whose body omits
+    # ``timeout_s``; a ``timeout_s`` in the body always wins.
+    drain_timeout_s: _Timeout = 30.0
 
 
 class StopReplica(_Msg, kw_only=True, frozen=True):
@@ -271,11 +280,12 @@ class StopReplica(_Msg, kw_only=True, frozen=True):
     # Drain first: report "draining" (routing stops), wait until nothing is in flight or the
     # timeout passes, then SIGTERM and, after the grace period, SIGKILL.
     drain: bool = True
-    timeout_s: float = 30.0
+    # None: the replica spec's ``drain_timeout_s``.
+    timeout_s: _Timeout | None = None
 
 
 class EvictArtifact(_Msg, kw_only=True, frozen=True):
-    sha256: str
+    sha256: Sha256
 
 
 class Command(_Msg, kw_only=True, frozen=True):

@@ -26,7 +26,7 @@ from llm_ops_helper.proto.messages import ArtifactRef, Event
 
 log = structlog.get_logger("llmops.agent.artifacts")
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXT = re.compile(r"\.[A-Za-z0-9]{1,16}")
 CHUNK = 1 << 20
 # Bytes gathered before one write (through a worker thread, so the loop never blocks on disk).
@@ -73,6 +73,33 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _write_hashed(f: BinaryIO, chunks: list[bytes], digest: hashlib._Hash) -> None:
+    """In a worker thread: write and hash a batch (the loop never touches the bytes again)."""
+    for chunk in chunks:
+        f.write(chunk)
+        digest.update(chunk)
+
+
+def _publish(part: Path, path: Path) -> None:
+    """Make a verified partial the blob, durably: its bytes, then its name."""
+    with part.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(part, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _complete(path: Path, size: int) -> bool:
+    """A blob of the right size is there (a cut copy or a truncated disk is not)."""
+    try:
+        return path.stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
 class ArtifactCache:
     def __init__(self, root: Path, max_bytes: int, *, host: str, timeout_s: float = 3600.0,
                  in_use: Callable[[], Mapping[str, list[str]]] = dict,
@@ -87,6 +114,8 @@ class ArtifactCache:
         self.in_use = in_use
         self.emit = emit
         self._fetches: dict[str, asyncio.Task[Path]] = {}
+        # sha256 -> bytes an in-flight download still has to write: room kept for it.
+        self._reserved: dict[str, int] = {}
         self._prefetches: set[asyncio.Task[Path]] = set()
         self._session: aiohttp.ClientSession | None = None
 
@@ -119,11 +148,10 @@ class ArtifactCache:
     async def fetch(self, ref: ArtifactRef) -> Path:
         """The local path of ``ref``, downloading it first if needed. Concurrent fetches of one
         sha256 share one download; cancelling one waiter does not cancel the download."""
-        if not _SHA256.fullmatch(ref.sha256):
+        if not SHA256.fullmatch(ref.sha256):
             raise ArtifactError(f"artifact sha256 {ref.sha256!r} is not 64 lowercase hex digits")
         path = self.path_for(ref)
-        if path.exists():
-            os.utime(path)
+        if ref.sha256 not in self._fetches and self._cached(ref):
             return path
         task = self._fetches.get(ref.sha256)
         if task is None:
@@ -135,15 +163,27 @@ class ArtifactCache:
     def prefetch(self, ref: ArtifactRef) -> str:
         """Start fetching ``ref`` in the background: "cached" or "fetching". Failures are
         reported by the fetch itself (log and ``artifact_failed`` event)."""
-        if not _SHA256.fullmatch(ref.sha256):
+        if not SHA256.fullmatch(ref.sha256):
             raise ArtifactError(f"artifact sha256 {ref.sha256!r} is not 64 lowercase hex digits")
-        if self.path_for(ref).exists():
-            os.utime(self.path_for(ref))
+        if ref.sha256 not in self._fetches and self._cached(ref):
             return "cached"
         task = asyncio.create_task(self.fetch(ref))
         self._prefetches.add(task)
         task.add_done_callback(self._prefetch_done)
         return "fetching"
+
+    def _cached(self, ref: ArtifactRef) -> bool:
+        """Whether the blob is there and whole (touched: the LRU order); a wrong-sized one
+        goes, to be fetched again."""
+        path = self.path_for(ref)
+        if _complete(path, ref.size_bytes):
+            os.utime(path)
+            return True
+        if path.exists():
+            log.warning("artifact_blob_wrong_size", sha256=ref.sha256, path=str(path),
+                        expected=ref.size_bytes, action="fetching it again")
+            _remove(path)
+        return False
 
     def _prefetch_done(self, task: asyncio.Task[Path]) -> None:
         self._prefetches.discard(task)
@@ -152,12 +192,15 @@ class ArtifactCache:
 
     def evict(self, sha256: str) -> bool:
         """Remove a cached artifact; False when it was not cached. Refused while in use."""
-        if not _SHA256.fullmatch(sha256):
+        if not SHA256.fullmatch(sha256):
             raise ArtifactError(f"artifact sha256 {sha256!r} is not 64 lowercase hex digits")
         users = self.in_use().get(sha256)
         if users:
             raise ArtifactError(f"artifact {sha256} is in use by replica(s) "
                                 f"{', '.join(sorted(users))}; stop them first")
+        if sha256 in self._fetches:
+            raise ArtifactError(f"artifact {sha256} is being fetched; evict it once the "
+                                "fetch has ended")
         removed = False
         for path in [*self.blobs.glob(f"{sha256}*"), self.partial / f"{sha256}.part"]:
             with contextlib.suppress(FileNotFoundError):
@@ -173,16 +216,24 @@ class ArtifactCache:
             raise ArtifactError(f"artifact {ref.sha256} is {ref.size_bytes} bytes, more than the "
                                 f"whole cache (supervisor.cache_max_bytes = {self.max_bytes})")
         need = ref.size_bytes - have
-        used = self.usage_bytes()
-        if used + need <= self.max_bytes:
-            return
+        self._reserved.pop(ref.sha256, None)
+        # Room promised to other downloads in flight counts as used: they write it later.
+        used = self.usage_bytes() + sum(self._reserved.values())
+        if used + need > self.max_bytes:
+            used = self._evict_for(ref, used, need)
+        self._reserved[ref.sha256] = need
+
+    def _evict_for(self, ref: ArtifactRef, used: int, need: int) -> int:
         busy = self.in_use()
+        fetching = set(self._fetches) | {ref.sha256}
         candidates: list[tuple[float, Path, int]] = []
-        for path in self.blobs.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                st = path.stat()
-                if path.name[:64] not in busy:
-                    candidates.append((st.st_mtime, path, st.st_size))
+        # Blobs no replica uses, and partials no download is writing (cut off, abandoned).
+        for folder, skip in ((self.blobs, busy.keys() | fetching), (self.partial, fetching)):
+            for path in folder.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    st = path.stat()
+                    if path.name[:64] not in skip:
+                        candidates.append((st.st_mtime, path, st.st_size))
         for _, path, size in sorted(candidates):
             if used + need <= self.max_bytes:
                 break
@@ -195,7 +246,9 @@ class ArtifactCache:
             raise ArtifactError(
                 f"cache full: artifact {ref.sha256} needs {need} bytes but only "
                 f"{max(0, self.max_bytes - used)} of supervisor.cache_max_bytes = "
-                f"{self.max_bytes} can be freed; the rest is used by running replicas")
+                f"{self.max_bytes} can be freed; the rest is used by running replicas "
+                "and downloads in progress")
+        return used
 
     async def _download(self, ref: ArtifactRef, path: Path) -> Path:
         started = time.monotonic()
@@ -203,7 +256,7 @@ class ArtifactCache:
         try:
             async with asyncio.timeout(self.timeout_s):
                 resumed_from = await self._download_verified(ref, part)
-            os.replace(part, path)
+            await asyncio.to_thread(_publish, part, path)
         except TimeoutError:
             error = (f"download of artifact {ref.sha256} from {ref.url} timed out after "
                      f"{self.timeout_s:g} s (supervisor.download_timeout_s)")
@@ -218,6 +271,8 @@ class ArtifactCache:
                                         f"{self.root}: {exc.strerror}") from None
             raise self._failed(ref, f"cannot write artifact {ref.sha256} under {self.root}: "
                                     f"{exc.strerror or exc}") from None
+        finally:
+            self._reserved.pop(ref.sha256, None)
         seconds = round(time.monotonic() - started, 3)
         log.info("artifact_fetched", sha256=ref.sha256, size_bytes=ref.size_bytes,
                  seconds=seconds, resumed_from=resumed_from, url=ref.url)
@@ -240,6 +295,7 @@ class ArtifactCache:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120))
         last_error = ""
+        fresh_retry = True
         for attempt in range(ATTEMPTS):
             have = _partial_size(part, ref.size_bytes)
             self._make_room(ref, have)
@@ -251,15 +307,20 @@ class ArtifactCache:
                          error=last_error)
                 await asyncio.sleep(0.2 * 2 ** attempt)
                 continue
+            if got == ref.size_bytes and digest == ref.sha256:
+                return resumed_from
+            _remove(part)
+            if resumed_from and fresh_retry:
+                # The bytes kept from before may be what is wrong: once more, from byte 0.
+                fresh_retry = False
+                log.warning("artifact_resume_mismatch", sha256=ref.sha256,
+                            resumed_from=resumed_from, action="downloading from the start")
+                continue
             if got != ref.size_bytes:
-                _remove(part)
                 raise ArtifactError(f"size mismatch for artifact {ref.sha256}: expected "
                                     f"{ref.size_bytes} bytes, got {got}")
-            if digest != ref.sha256:
-                _remove(part)
-                raise ArtifactError(f"checksum mismatch for artifact {ref.sha256}: expected "
-                                    f"{ref.sha256}, got {digest}")
-            return resumed_from
+            raise ArtifactError(f"checksum mismatch for artifact {ref.sha256}: expected "
+                                f"{ref.sha256}, got {digest}")
         raise ArtifactError(f"download of artifact {ref.sha256} from {ref.url} failed "
                             f"{ATTEMPTS} times; last: {last_error}")
 
@@ -277,27 +338,56 @@ class ArtifactCache:
                     text = (await resp.text(errors="replace"))[:200]
                     raise ArtifactError(f"download of artifact {ref.sha256} from {ref.url}: "
                                         f"HTTP {resp.status}: {text}")
+                elif not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                    # Not the bytes asked for: appending them would corrupt the partial.
+                    _remove(part)
+                    raise _Retryable(f"HTTP 206 with Content-Range "
+                                     f"{resp.headers.get('Content-Range')!r} for bytes={have}-")
                 resumed_from = have
-                f: BinaryIO
-                with part.open("ab" if have else "wb") as f:
-                    batch = bytearray()
-                    try:
-                        async for chunk in resp.content.iter_chunked(CHUNK):
-                            digest.update(chunk)
-                            batch += chunk
-                            have += len(chunk)
-                            if have > ref.size_bytes:
-                                break
-                            if len(batch) >= WRITE_BATCH:
-                                await asyncio.to_thread(f.write, bytes(batch))
-                                batch.clear()
-                    finally:  # a cut connection keeps what arrived: the next try resumes
-                        if batch:
-                            await asyncio.to_thread(f.write, bytes(batch))
-                        await asyncio.to_thread(f.flush)
+                have = await self._receive(resp, part, have, digest, ref.size_bytes)
+        except aiohttp.InvalidURL as exc:
+            raise ArtifactError(f"artifact {ref.sha256}: invalid URL {ref.url!r}: {exc}") \
+                from None
         except aiohttp.ClientResponseError as exc:
             raise ArtifactError(f"download of artifact {ref.sha256} from {ref.url}: {exc}") \
                 from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
         return resumed_from, digest.hexdigest(), have
+
+    async def _receive(self, resp: aiohttp.ClientResponse, part: Path, have: int,
+                       digest: hashlib._Hash, size: int) -> int:
+        """Append the body to ``part``, hashing it, in batches written by a worker thread; the
+        bytes in the partial afterwards (a cut connection keeps what arrived)."""
+        f: BinaryIO
+        with part.open("ab" if have else "wb") as f:
+            batch: list[bytes] = []
+            batched = 0
+
+            async def write() -> None:
+                nonlocal batch, batched
+                # Handed over before the await: a cancellation during the write cannot make
+                # the clean-up below write the same bytes twice.
+                chunks, batch, batched = batch, [], 0
+                writing = asyncio.ensure_future(
+                    asyncio.to_thread(_write_hashed, f, chunks, digest))
+                try:
+                    await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    await asyncio.wait({writing})  # the thread finishes before the file closes
+                    raise
+
+            try:
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    have += len(chunk)
+                    if have > size:
+                        break
+                    if batched >= WRITE_BATCH:
+                        await write()
+            finally:
+                if batch:
+                    await write()
+                await asyncio.to_thread(f.flush)
+        return have

@@ -26,11 +26,15 @@ from llm_ops_helper.agent.replicas.policy import give_up_reason, recent_exits
 from llm_ops_helper.agent.replicas.ports import NoFreePort, pick_port
 from llm_ops_helper.agent.replicas.probes import InFlight, probe_health
 from llm_ops_helper.agent.replicas.process import (
+    LOG_KEEP_BYTES,
     MARKER_REPLICA,
     MARKER_STATE_DIR,
+    cap_log,
     describe_exit,
     gpu_env,
+    kill_processes,
     last_log_line,
+    replica_processes,
     spawn,
 )
 from llm_ops_helper.agent.replicas.replica import (
@@ -55,10 +59,15 @@ class ReplicaLife:
     inventory: Callable[[], Sequence[GpuInfo]]
     state_dir: Path
     logs_dir: Path
+    home_dir: Path
     advertise_host: str
+    gpu_uuids: bool
     _session: aiohttp.ClientSession | None
 
     def _set(self, replica: Replica, state: ReplicaState, reason: str | None = None) -> None:
+        raise NotImplementedError
+
+    async def _persist(self) -> None:
         raise NotImplementedError
 
     async def _run(self, replica: Replica) -> None:
@@ -75,6 +84,9 @@ class ReplicaLife:
             self._set(replica, "failed", exc.reason)
         except Exception as exc:
             log.exception("replica_internal_error", replica=replica.name)
+            if replica.child is not None:  # failed means no process: do not leave one running
+                await replica.child.terminate(self.config.stop_grace_s)
+                replica.child = None
             self._set(replica, "failed", f"internal error: {type(exc).__name__}: {exc}")
 
     async def _supervise(self, replica: Replica) -> None:
@@ -120,23 +132,49 @@ class ReplicaLife:
     def _log_path(self, replica: Replica) -> Path:
         return self.logs_dir / f"{replica.name}.log"
 
-    async def _launch(self, replica: Replica) -> None:
-        taken = {r.port for r in self.replicas.values()
-                 if r is not replica and r.port is not None and r.state not in ("stopped",
-                                                                                "failed")}
+    async def _free_port(self, replica: Replica) -> int:
+        """A port for the replica; while none can be had (all taken, or no descriptors left),
+        waits with backoff: ports free up as other replicas stop."""
         low, high = self.config.port_range
-        try:
-            port = pick_port(self.config.bind_host, low, high, taken, preferred=replica.port)
-        except NoFreePort as exc:
-            raise ReplicaFailed(str(exc)) from None
+        attempt = 0
+        while True:
+            taken = {r.port for r in self.replicas.values()
+                     if r is not replica and r.port is not None
+                     and r.state not in ("stopped", "failed")}
+            try:
+                return pick_port(self.config.bind_host, low, high, taken, preferred=replica.port)
+            except (NoFreePort, OSError) as exc:
+                error = str(exc) if isinstance(exc, NoFreePort) else \
+                    f"cannot probe ports: {exc.strerror or exc}"
+            delay = backoff_delay(attempt, self.config.restart_backoff_min_s,
+                                  self.config.restart_backoff_max_s)
+            log.warning("replica_port_wait", replica=replica.name, error=error,
+                        delay_s=round(delay, 2))
+            self._set(replica, "starting", f"waiting for a port: {error}")
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _env(self, replica: Replica, plan: LaunchPlan) -> dict[str, str]:
+        # The agent's unit hides /home and /tmp (ProtectHome, PrivateTmp): caches (Hugging
+        # Face, Triton, torch) go under the state dir unless the agent or the spec says where.
+        home = str(self.home_dir)
+        cache = os.environ.get("XDG_CACHE_HOME") or f"{home}/.cache"
+        defaults = {"HOME": home, "XDG_CACHE_HOME": cache,
+                    "HF_HOME": os.environ.get("HF_HOME") or f"{cache}/huggingface"}
+        return {**os.environ, **defaults, **plan.env,
+                **gpu_env(replica.spec.gpus, self.inventory(), uuids=self.gpu_uuids),
+                MARKER_REPLICA: replica.name, MARKER_STATE_DIR: str(self.state_dir)}
+
+    async def _launch(self, replica: Replica) -> None:
+        port = await self._free_port(replica)
         plan = self._plan(replica, port)
-        env = {**os.environ, **plan.env, **gpu_env(replica.spec.gpus, self.inventory()),
-               MARKER_REPLICA: replica.name, MARKER_STATE_DIR: str(self.state_dir)}
+        env = self._env(replica, plan)
         header = (f"starting {replica.name} (restarts {replica.restarts}) at "
                   f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "
                   f"{shlex.join(plan.argv)}")
         spawning = asyncio.ensure_future(spawn(plan.argv, env, self._log_path(replica),
-                                               cwd=self.state_dir, header=header))
+                                               cwd=self.state_dir, header=header,
+                                               replica=replica.name))
         try:
             replica.child = await asyncio.shield(spawning)
         except asyncio.CancelledError:
@@ -148,8 +186,9 @@ class ReplicaLife:
         except OSError as exc:
             raise ReplicaFailed(f"cannot start {plan.argv[0]}: {exc.strerror or exc}") from None
         replica.started_at = time.time()
+        # Not the argv or env (they may carry tokens): the replica's log (0600) has the argv.
         log.info("replica_started", replica=replica.name, pid=replica.child.pid, port=port,
-                 argv=plan.argv, cuda_visible_devices=env["CUDA_VISIBLE_DEVICES"])
+                 program=plan.argv[0], cuda_visible_devices=env["CUDA_VISIBLE_DEVICES"])
         self._set(replica, "starting")
 
     async def _watch(self, replica: Replica) -> str:
@@ -168,6 +207,9 @@ class ReplicaLife:
                 done, _ = await asyncio.wait({exited}, timeout=self.config.liveness_interval_s)
                 if done:
                     return describe_exit(exited.result())
+                await asyncio.to_thread(cap_log, self._log_path(replica),
+                                        self.config.log_max_bytes,
+                                        min(LOG_KEEP_BYTES, self.config.log_max_bytes // 2))
                 if replica.stopper is not None:
                     continue  # draining or stopping: the stopper decides its end
                 error = await probe_health(self._session, health)
@@ -214,8 +256,15 @@ class ReplicaLife:
     async def _stop(self, replica: Replica, drain: bool = True, timeout_s: float = 30.0,
                     reason: str = "stopped by command") -> None:
         try:
-            if drain and replica.state == "draining" and replica.child is not None:
-                await self._drain(replica, timeout_s)
+            await self._persist()  # the stop intent is on disk before any signal
+            if (drain and not replica.drain_cut and replica.state == "draining"
+                    and replica.child is not None):
+                replica.drainer = asyncio.ensure_future(self._drain(replica, timeout_s))
+                try:
+                    await asyncio.wait({replica.drainer})  # ends early when cut short
+                finally:
+                    replica.drainer.cancel()
+                    replica.drainer = None
             if replica.task is not None:
                 replica.task.cancel()
                 await asyncio.wait({replica.task})
@@ -223,9 +272,16 @@ class ReplicaLife:
             if replica.child is not None:
                 code = await replica.child.terminate(self.config.stop_grace_s)
             replica.child = None
+            # Processes that left the group (setsid) still carry the replica's marker.
+            left = await asyncio.to_thread(replica_processes, self.state_dir, replica.name)
+            if left:
+                log.warning("replica_leftovers_killed", replica=replica.name,
+                            pids=[p.pid for p in left])
+                await asyncio.to_thread(kill_processes, left)
             replica.stopped_at = time.monotonic()
             log.info("replica_stopped", replica=replica.name, exit=describe_exit(code))
             self._set(replica, "stopped", reason)
+            await self._persist()
         except Exception as exc:  # a stop must always end, whatever went wrong
             log.exception("replica_internal_error", replica=replica.name)
             if replica.child is not None:

@@ -15,6 +15,8 @@ from llm_ops_helper.proto.messages import ReplicaSpec, ReplicaState
 NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A stopped replica is still reported this long (the controller sees it end), then forgotten.
 STOPPED_KEPT_S = 60.0
+# A failed one (no process, nothing to adopt) longer, so its reason can be read, then too.
+FAILED_KEPT_S = 3600.0
 # Readiness and drain polling.
 POLL_S = 0.25
 SCRAPED_STATES: tuple[ReplicaState, ...] = ("starting", "ready", "draining")
@@ -48,6 +50,11 @@ class Replica:
     exits: list[float] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     stopper: asyncio.Task[None] | None = None
+    # The stopper's drain, while it runs: a stop without drain cancels it.
+    drainer: asyncio.Task[None] | None = None
+    drain_cut: bool = False
+    # A stop was asked for (kept in the state file).
+    stopping: bool = False
     stopped_at: float | None = None
 
     @property
@@ -59,8 +66,10 @@ class Replica:
         return statefile.ReplicaRecord(
             spec=self.spec, spec_hash=self.spec_hash, state=self.state, reason=self.reason,
             port=self.port, pid=child.pid if child else None, pgid=child.pgid if child else None,
+            start_ticks=child.start_ticks if child else None,
+            boot_id=child.boot_id if child else "",
             create_time=child.create_time if child else None, restarts=self.restarts,
-            started_at=self.started_at, ever_ready=self.ever_ready)
+            started_at=self.started_at, ever_ready=self.ever_ready, stopping=self.stopping)
 
 
 def advertised_url(host: str, port: int) -> str:

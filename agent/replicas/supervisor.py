@@ -23,15 +23,11 @@ import structlog
 from llm_ops_helper.agent.collectors.runtime import ScrapeTarget, mappings
 from llm_ops_helper.agent.config import SupervisorConfig
 from llm_ops_helper.agent.replicas import statefile
-from llm_ops_helper.agent.replicas.artifacts import ArtifactCache
+from llm_ops_helper.agent.replicas.artifacts import SHA256, ArtifactCache
 from llm_ops_helper.agent.replicas.life import ReplicaLife
-from llm_ops_helper.agent.replicas.process import (
-    Child,
-    find_process,
-    kill_processes,
-    marked_processes,
-)
+from llm_ops_helper.agent.replicas.process import Child, kill_processes, marked_processes
 from llm_ops_helper.agent.replicas.replica import (
+    FAILED_KEPT_S,
     NAME,
     SCRAPED_STATES,
     STOPPED_KEPT_S,
@@ -46,7 +42,7 @@ log = structlog.get_logger("llmops.agent.replicas")
 
 
 class SupervisorError(Exception):
-    """The supervisor cannot start (state directory unusable)."""
+    """The supervisor cannot start (state directory unusable, state file unreadable)."""
 
 
 class DeployError(Exception):
@@ -56,14 +52,19 @@ class DeployError(Exception):
 class Supervisor(ReplicaLife):
     def __init__(self, config: SupervisorConfig, *, host: str, runtimes: Mapping[str, Runtime],
                  inventory: Callable[[], Sequence[GpuInfo]] = list,
-                 emit: Callable[[Event], None] = lambda event: None) -> None:
+                 emit: Callable[[Event], None] = lambda event: None,
+                 gpu_uuids: bool = True) -> None:
         self.config = config
+        # Whether the inventory's UUIDs are real ones CUDA knows (NVML), not simulated ones.
+        self.gpu_uuids = gpu_uuids
         self.host = host
         self.runtimes = runtimes
         self.inventory = inventory
         self.emit = emit
         self.state_dir = config.state_path
         self.logs_dir = self.state_dir / "logs"
+        # HOME of the replicas (the agent's unit may hide /home and /tmp from them).
+        self.home_dir = self.state_dir / "home"
         self.advertise_host = config.advertised_host
         self.cache = ArtifactCache(config.cache_path, config.cache_max_bytes, host=host,
                                    timeout_s=config.download_timeout_s,
@@ -71,6 +72,8 @@ class Supervisor(ReplicaLife):
                                    emit=lambda event: self.emit(event))
         self.replicas: dict[str, Replica] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._records: list[statefile.ReplicaRecord] | None = None
+        self._writer = statefile.StateWriter(self.state_dir, self._snapshot)
 
     # --- lifecycle of the supervisor itself ----------------------------------------------
 
@@ -82,34 +85,41 @@ class Supervisor(ReplicaLife):
         await self.close()
 
     def prepare(self) -> None:
-        """Create the state, log and cache directories; :class:`SupervisorError` if it fails."""
+        """Create the state, log and cache directories and read the state file;
+        :class:`SupervisorError` if any of it fails."""
         try:
-            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            self.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.home_dir.mkdir(mode=0o700, exist_ok=True)
             self.cache.open()
         except OSError as exc:
             raise SupervisorError(f"cannot create {exc.filename}: {exc.strerror} (keys "
                                   "'supervisor.state_dir', 'supervisor.cache_dir')") from None
+        try:
+            self._records = statefile.load(self.state_dir)
+        except statefile.StateFileError as exc:
+            # Starting with no records would kill every replica as an orphan: refuse instead.
+            raise SupervisorError(f"{exc}; the replicas it lists would be killed as orphans: "
+                                  "fix it, or move it aside to start afresh") from None
 
     async def start(self) -> None:
         """Create the directories, adopt what the state file lists, kill what it does not."""
-        self.prepare()
+        if self._records is None:
+            self.prepare()
+        records, self._records = self._records or [], None
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        try:
-            records = statefile.load(self.state_dir)
-        except statefile.StateFileError as exc:
-            log.error("state_file_unreadable", error=str(exc), action="starting with no replicas; "
-                      "processes of the old ones are killed as orphans")
-            records = []
         for record in records:
             self._restore(record)
         await self._kill_orphans()
+        self._writer.start()
         self._save()
         for replica in self.replicas.values():
-            if replica.state == "draining":  # the last run was stopping it: finish that
+            if replica.state == "draining" or replica.stopping:
+                # The last run was stopping it: finish that.
                 if replica.child is not None:
                     replica.task = asyncio.create_task(self._run(replica))
                 replica.stopper = asyncio.create_task(self._stop(
-                    replica, drain=False, reason="stopped: draining when the agent restarted"))
+                    replica, drain=False,
+                    reason="stopped: a stop was in progress when the agent restarted"))
             elif replica.state not in ("failed", "stopped"):
                 replica.task = asyncio.create_task(self._run(replica))
 
@@ -124,6 +134,7 @@ class Supervisor(ReplicaLife):
         if tasks:
             await asyncio.wait(tasks)
         self._save()
+        await self._writer.close()
         await self.cache.close()
         if self._session is not None:
             await self._session.close()
@@ -134,6 +145,7 @@ class Supervisor(ReplicaLife):
         """Stop every replica at once (no drain: the agent is going away) and wait."""
         for replica in self.replicas.values():
             if replica.stopper is None and replica.state != "stopped":
+                replica.stopping = True  # saved by the stop: a kill mid-way cannot undo it
                 replica.stopper = asyncio.create_task(self._stop(
                     replica, drain=False, reason="stopped with the agent (stop_replicas_on_exit)"))
         await asyncio.gather(*(r.stopper for r in self.replicas.values() if r.stopper),
@@ -150,21 +162,19 @@ class Supervisor(ReplicaLife):
         replica = Replica(spec=spec, spec_hash=record.spec_hash, runtime=runtime,
                           state=record.state, reason=record.reason, port=record.port,
                           restarts=record.restarts, started_at=record.started_at,
-                          ever_ready=record.ever_ready)
+                          ever_ready=record.ever_ready, stopping=record.stopping)
         self.replicas[spec.name] = replica
         if spec.artifact is not None:
             replica.model_path = self.cache.path_for(spec.artifact)
         if record.state == "failed":
+            replica.stopped_at = time.monotonic()  # forgotten after FAILED_KEPT_S from now
             return
-        alive = (record.pid is not None and record.create_time is not None
-                 and record.port is not None
-                 and find_process(record.pid, record.create_time) is not None)
-        if alive:
-            assert record.pid is not None
-            assert record.create_time is not None
-            assert record.port is not None
-            replica.child = Child(pid=record.pid, pgid=record.pgid or record.pid,
-                                  create_time=record.create_time)
+        child = None if record.pid is None else Child(
+            pid=record.pid, pgid=record.pgid or record.pid, replica=spec.name,
+            start_ticks=record.start_ticks, boot_id=record.boot_id,
+            create_time=record.create_time)
+        if child is not None and record.port is not None and child.find() is not None:
+            replica.child = child
             try:
                 self._plan(replica, record.port)
             except ReplicaFailed as exc:
@@ -175,9 +185,10 @@ class Supervisor(ReplicaLife):
             log.info("replica_adopted", replica=spec.name, pid=record.pid, state=replica.state,
                      port=record.port)
         else:
+            stopping = record.state == "draining" or record.stopping
             log.warning("replica_lost", replica=spec.name, pid=record.pid, state=record.state,
-                        action="stopping" if record.state == "draining" else "restarting")
-            if record.state == "draining":
+                        action="stopping" if stopping else "restarting")
+            if stopping:
                 replica.state = "draining"
             else:
                 replica.state, replica.reason = "pending", "the agent restarted and its process "\
@@ -186,10 +197,16 @@ class Supervisor(ReplicaLife):
         self._announce(replica)
 
     async def _kill_orphans(self) -> None:
-        """Kill processes of this state dir that no adopted replica accounts for."""
+        """Kill processes of this state dir that no adopted replica accounts for; leave alone
+        those started after the state file was last written (a write that failed, a full disk:
+        the file cannot know them, and they may be serving)."""
         adopted = [r.child for r in self.replicas.values() if r.child is not None]
+        try:
+            written: float | None = (self.state_dir / statefile.STATE_FILE).stat().st_mtime
+        except OSError:
+            written = None  # no file (first run, or moved aside to start afresh)
 
-        def scan() -> list[tuple[Any, str]]:
+        def scan() -> tuple[list[tuple[Any, str]], list[tuple[Any, str]]]:
             import psutil
 
             keep = {c.pid for c in adopted}
@@ -197,36 +214,46 @@ class Supervisor(ReplicaLife):
                 with contextlib.suppress(psutil.Error):
                     keep |= {p.pid for p in psutil.Process(child.pid).children(recursive=True)}
             pgids = {c.pgid for c in adopted}
-            orphans = []
+            orphans, unknown = [], []
             for proc, name in marked_processes(self.state_dir):
                 try:
                     pgid = os.getpgid(proc.pid)
-                except OSError:
+                    created = proc.create_time()
+                except (OSError, psutil.Error):
                     continue
-                if proc.pid not in keep and pgid not in pgids:
+                if proc.pid in keep or pgid in pgids:
+                    continue
+                if written is not None and created > written:
+                    unknown.append((proc, name))
+                else:
                     orphans.append((proc, name))
-            return orphans
+            return orphans, unknown
 
-        orphans = await asyncio.to_thread(scan)
+        orphans, unknown = await asyncio.to_thread(scan)
+        for proc, name in unknown:
+            log.error("replica_unknown_left_running", replica=name, pid=proc.pid,
+                      reason="started after the state file was last written (a failed write?)",
+                      action="not supervised: stop it by hand")
         for proc, name in orphans:
             log.warning("replica_orphan_killed", replica=name, pid=proc.pid)
-        kill_processes([proc for proc, _ in orphans])
+        await asyncio.to_thread(kill_processes, [proc for proc, _ in orphans])
 
     # --- state ---------------------------------------------------------------------------
 
+    def _snapshot(self) -> list[statefile.ReplicaRecord]:
+        return [r.record() for r in self.replicas.values() if r.state != "stopped"]
+
     def _save(self) -> None:
-        # Synchronous on purpose: a few hundred bytes, written in transition order (two
-        # overlapping writes in threads could land the older one last).
-        records = [r.record() for r in self.replicas.values() if r.state != "stopped"]
-        try:
-            statefile.save(self.state_dir, records)
-        except OSError as exc:
-            log.error("state_file_write_failed", path=str(self.state_dir / statefile.STATE_FILE),
-                      error=exc.strerror or str(exc))
+        self._writer.changed()
+
+    async def _persist(self) -> None:
+        await self._writer.flush()
 
     def _set(self, replica: Replica, state: ReplicaState, reason: str | None = None) -> None:
         changed = (state, reason) != (replica.state, replica.reason)
         replica.state, replica.reason = state, reason
+        if state in ("failed", "stopped") and replica.stopped_at is None:
+            replica.stopped_at = time.monotonic()
         self._save()
         if changed:
             self._announce(replica)
@@ -247,8 +274,13 @@ class Supervisor(ReplicaLife):
     def _prune(self) -> None:
         now = time.monotonic()
         for name, replica in list(self.replicas.items()):
-            if replica.stopped_at is not None and now - replica.stopped_at > STOPPED_KEPT_S:
+            if replica.state not in ("failed", "stopped") or replica.stopped_at is None:
+                continue
+            kept = FAILED_KEPT_S if replica.state == "failed" else STOPPED_KEPT_S
+            if now - replica.stopped_at > kept:
                 del self.replicas[name]
+                if replica.state == "failed":
+                    self._save()
 
     # --- commands ------------------------------------------------------------------------
 
@@ -258,6 +290,9 @@ class Supervisor(ReplicaLife):
         digest = statefile.spec_hash(spec)
         existing = self.replicas.get(spec.name)
         if existing is not None and existing.state != "stopped":
+            if existing.stopping:
+                raise DeployError(f"replica {spec.name} is being stopped; a replica to run "
+                                  "needs a new name (or the same one once it has stopped)")
             if existing.spec_hash != digest:
                 raise DeployError(f"replica {spec.name} already runs a different spec "
                                   f"(spec_hash {existing.spec_hash}, this one {digest}); "
@@ -285,6 +320,14 @@ class Supervisor(ReplicaLife):
         why = runtime.unavailable()
         if why is not None:
             raise DeployError(f"runtime {spec.runtime!r} is not available on this host: {why}")
+        # Checked again here (not only when a command is decoded): paths are built from it.
+        if spec.artifact is not None and not SHA256.fullmatch(spec.artifact.sha256):
+            raise DeployError(f"artifact sha256 {spec.artifact.sha256!r} is not 64 lowercase "
+                              "hex digits")
+        if spec.crash_loop_window_s <= 0 or spec.crash_loop_restarts < 0:
+            raise DeployError("crash_loop_window_s must be > 0 and crash_loop_restarts >= 0")
+        if len(set(spec.gpus)) != len(spec.gpus):
+            raise DeployError(f"GPU indices repeat in {spec.gpus}")
         known = sorted(g.index for g in self.inventory())
         missing = [i for i in spec.gpus if i not in known]
         if missing:
@@ -300,18 +343,32 @@ class Supervisor(ReplicaLife):
             raise DeployError(str(exc)) from None
         return runtime
 
-    async def stop(self, name: str, *, drain: bool, timeout_s: float,
+    async def stop(self, name: str, *, drain: bool, timeout_s: float | None = None,
                    wait: bool = False) -> dict[str, Any]:
-        """Stop (after draining, if asked) in the background; ``wait`` for it to finish."""
+        """Stop (after draining, if asked) in the background; ``wait`` for it to finish.
+        ``timeout_s`` (the drain's) defaults to the spec's ``drain_timeout_s``. A stop without
+        drain cuts short a drain in progress."""
         replica = self.replicas.get(name)
         if replica is None or replica.state == "stopped":
             return {"state": "stopped", "note": "not running"}
+        if timeout_s is None:
+            timeout_s = replica.spec.drain_timeout_s
         if replica.stopper is None:
             log.info("replica_stopping", replica=name, drain=drain, timeout_s=timeout_s)
+            # Kept in the state file (written before any signal): an agent restart in the
+            # middle finishes the stop instead of adopting or restarting the replica.
+            replica.stopping = True
             if drain and replica.state == "ready" and replica.child is not None:
                 # At once, so the routing stops with this command's answer.
                 self._set(replica, "draining", f"draining, at most {timeout_s:g} s")
+            else:
+                self._save()
             replica.stopper = asyncio.create_task(self._stop(replica, drain, timeout_s))
+        elif not drain and not replica.drain_cut:
+            log.info("replica_drain_cut_short", replica=name)
+            replica.drain_cut = True
+            if replica.drainer is not None:
+                replica.drainer.cancel()
         if wait:
             await asyncio.shield(replica.stopper)
         return {"state": replica.state}

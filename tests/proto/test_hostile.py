@@ -186,3 +186,36 @@ def test_hundred_thousand_brackets(type_: type[msgspec.Struct]) -> None:
         with pytest.raises(DecodeError) as info:
             decode(payload, type_)
         assert info.value.reason in REASONS
+
+
+@pytest.mark.parametrize(("type_", "body", "field"), [
+    ("StopReplica", {"name": "r", "timeout_s": 1e12}, "timeout_s"),
+    ("StopReplica", {"name": "r", "timeout_s": -1}, "timeout_s"),
+    ("ReplicaSpec", {"crash_loop_window_s": 0}, "crash_loop_window_s"),
+    ("ReplicaSpec", {"crash_loop_restarts": -1}, "crash_loop_restarts"),
+    ("ReplicaSpec", {"ready_timeout_s": -5}, "ready_timeout_s"),
+    ("ReplicaSpec", {"drain_timeout_s": 1e9}, "drain_timeout_s"),
+    ("ArtifactRef", {"sha256": "../../etc/passwd"}, "sha256"),
+    ("EvictArtifact", {"sha256": "A" * 64}, "sha256"),
+])
+def test_out_of_bounds_command_fields_are_refused_by_name(type_: str, body: dict[str, Any],
+                                                          field: str) -> None:
+    from llm_ops_helper.proto import messages
+
+    base: dict[str, Any] = {
+        "StopReplica": {"name": "r"},
+        "ReplicaSpec": {"name": "r", "deployment": "d", "version": "v", "runtime": "test"},
+        "ArtifactRef": {"sha256": "a" * 64, "size_bytes": 1, "url": "http://h/a"},
+        "EvictArtifact": {"sha256": "a" * 64},
+    }[type_]
+    cls = getattr(messages, type_)
+    msgspec.convert(base, cls)  # the base is fine
+    with pytest.raises(msgspec.ValidationError, match=field):
+        msgspec.convert({**base, **body}, cls)
+
+
+def test_stop_replica_without_timeout_defers_to_the_spec() -> None:
+    from llm_ops_helper.proto.messages import StopReplica
+
+    assert msgspec.convert({"name": "r"}, StopReplica).timeout_s is None
+    assert msgspec.convert({"name": "r", "timeout_s": 5}, StopReplica).timeout_s == 5

@@ -13,7 +13,7 @@ import psutil
 from structlog.testing import capture_logs
 
 from llm_ops_helper.agent.replicas.process import MARKER_REPLICA, MARKER_STATE_DIR
-from llm_ops_helper.agent.replicas.statefile import load
+from llm_ops_helper.agent.replicas.statefile import load, save
 from tests.agent.replicas.helpers import replica_processes, spec, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
@@ -141,3 +141,24 @@ async def test_without_stop_replicas_on_exit_closing_leaves_them_running(
     assert [p.pid for p in replica_processes(state_dir)] == [pid]
     [record] = load(state_dir)
     assert (record.state, record.pid) == ("ready", pid)
+
+
+async def test_a_process_started_after_the_last_state_write_is_left_running(
+        make_supervisor, state_dir: Path) -> None:
+    # The state file's last write is older than the process: a later write failed (disk
+    # full), so the file cannot know it. Killing it could stop inference; it is left alone.
+    os.makedirs(state_dir)
+    save(state_dir, [])
+    os.utime(state_dir / "replicas.json", (1, 1))
+    env = {**os.environ, MARKER_STATE_DIR: str(state_dir), MARKER_REPLICA: "lost-r1-000000"}
+    lost = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env,
+                            start_new_session=True)
+    try:
+        with capture_logs() as logs:
+            await make_supervisor()
+        assert lost.poll() is None
+        assert any(e["event"] == "replica_unknown_left_running" and e["pid"] == lost.pid
+                   for e in logs)
+    finally:
+        lost.kill()
+        lost.wait()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
+from llm_ops_helper.agent.replicas import artifacts
 from llm_ops_helper.agent.replicas.artifacts import ArtifactCache, ArtifactError
 from llm_ops_helper.proto.messages import ArtifactRef, Event
 
@@ -190,4 +193,96 @@ async def test_disk_full_is_a_clear_error_and_the_partial_goes(
     assert events[-1].kind == "artifact_failed"
     # The cache still works afterwards.
     assert (await cache.fetch(ref)).read_bytes() == blob_server.blobs[ref.sha256]
+    await cache.close()
+
+
+async def test_a_download_cancelled_during_a_write_leaves_a_prefix_of_the_artifact(
+        tmp_path: Path, blob_server: BlobServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(SIZE)
+    ref = blob_server.add(data)
+    cache = make_cache(tmp_path)
+    started, release = threading.Event(), threading.Event()
+    real_write = artifacts._write_hashed
+
+    def slow_write(f: Any, chunks: list[bytes], digest: Any) -> None:
+        started.set()
+        release.wait(30)
+        real_write(f, chunks, digest)
+
+    monkeypatch.setattr(artifacts, "WRITE_BATCH", 1 << 20)
+    monkeypatch.setattr(artifacts, "_write_hashed", slow_write)
+    fetch = asyncio.create_task(cache.fetch(ref))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    cache._fetches[ref.sha256].cancel()  # the agent shutting down, mid-write
+    await asyncio.sleep(0.05)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    partial = (cache.partial / f"{ref.sha256}.part").read_bytes()
+    assert 0 < len(partial) < SIZE
+    assert partial == data[:len(partial)], "the partial must be a prefix to be resumed"
+    monkeypatch.setattr(artifacts, "_write_hashed", real_write)
+    path = await cache.fetch(ref)
+    assert path.read_bytes() == data
+    await cache.close()
+
+
+async def test_a_resumed_download_that_mismatches_is_fetched_once_more_from_the_start(
+        tmp_path: Path, blob_server: BlobServer) -> None:
+    data = os.urandom(SIZE)
+    ref = blob_server.add(data)
+    cache = make_cache(tmp_path)
+    (cache.partial / f"{ref.sha256}.part").write_bytes(b"x" * (1 << 20))  # not its bytes
+    path = await cache.fetch(ref)
+    assert path.read_bytes() == data
+    assert blob_server.ranges == [f"bytes={1 << 20}-", None]
+    await cache.close()
+
+
+async def test_a_cached_blob_of_the_wrong_size_is_fetched_again(
+        tmp_path: Path, blob_server: BlobServer) -> None:
+    data = os.urandom(SIZE)
+    ref = blob_server.add(data)
+    cache = make_cache(tmp_path)
+    cache.path_for(ref).write_bytes(data[:100])  # cut short (a full disk, a crash)
+    assert cache.prefetch(ref) == "fetching"
+    path = await cache.fetch(ref)
+    assert path.read_bytes() == data
+    assert blob_server.ranges, "downloaded again"
+    await cache.close()
+
+
+async def test_concurrent_downloads_reserve_their_room(
+        tmp_path: Path, blob_server: BlobServer) -> None:
+    refs = [blob_server.add(os.urandom(SIZE)) for _ in range(2)]
+    cache = make_cache(tmp_path, max_bytes=SIZE + SIZE // 2)
+    results = await asyncio.gather(*(cache.fetch(r) for r in refs), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1 and "cache full" in str(errors[0]), results
+    assert cache.usage_bytes() <= cache.max_bytes
+    await cache.close()
+
+
+async def test_an_abandoned_partial_is_evicted_for_room_but_not_one_being_fetched(
+        tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(os.urandom(SIZE))
+    cache = make_cache(tmp_path, max_bytes=SIZE + SIZE // 2)
+    stale = cache.partial / f"{'e' * 64}.part"
+    stale.write_bytes(b"x" * SIZE)
+    fetch = asyncio.create_task(cache.fetch(ref))
+    await asyncio.sleep(0)
+    with pytest.raises(ArtifactError, match="being fetched"):
+        cache.evict(ref.sha256)
+    await fetch
+    assert not stale.exists()
+    assert cache.usage_bytes() <= cache.max_bytes
+    await cache.close()
+
+
+async def test_an_invalid_url_is_an_artifact_error(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path)
+    ref = ArtifactRef(sha256="1" * 64, size_bytes=10, url="not a url")
+    with pytest.raises(ArtifactError, match=r"invalid URL"):
+        await cache.fetch(ref)
     await cache.close()

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from structlog.testing import capture_logs
 
 from llm_ops_helper.agent.replicas import statefile
 from llm_ops_helper.agent.replicas.policy import give_up_reason, recent_exits
-from llm_ops_helper.agent.replicas.ports import NoFreePort, pick_port
-from llm_ops_helper.agent.replicas.process import gpu_env, last_log_line, trim_log
+from llm_ops_helper.agent.replicas.ports import NoFreePort, pick_port, port_is_free
+from llm_ops_helper.agent.replicas.process import cap_log, gpu_env, last_log_line, trim_log
+from llm_ops_helper.agent.replicas.supervisor import SupervisorError
 from llm_ops_helper.proto.messages import GpuInfo
 from tests.agent.replicas.helpers import spec
 
@@ -55,14 +55,27 @@ def test_state_file_round_trips_and_a_corrupt_one_is_an_error(tmp_path: Path) ->
         statefile.load(tmp_path)
 
 
-async def test_a_corrupt_state_file_is_logged_and_the_supervisor_starts_empty(
-        make_supervisor, state_dir: Path) -> None:
+@pytest.mark.parametrize("content", [b"not json", b'{"v": 1, "replicas": [{"spec": 1}]}'])
+async def test_an_unreadable_state_file_stops_the_start_naming_the_file(
+        make_supervisor, state_dir: Path, content: bytes) -> None:
+    # Starting empty would kill every replica it lists as an orphan.
     os.makedirs(state_dir)
-    (state_dir / "replicas.json").write_text("not json")
-    with capture_logs() as logs:
-        sup = await make_supervisor()
-    assert sup.replicas == {}
-    assert any(e["event"] == "state_file_unreadable" for e in logs)
+    (state_dir / "replicas.json").write_bytes(content)
+    with pytest.raises(SupervisorError, match=r"replicas\.json.*move it aside"):
+        await make_supervisor()
+
+
+def test_an_unreadable_state_file_is_a_config_error_of_the_agent(tmp_path: Path) -> None:
+    from llm_ops_helper.agent import config as agent_config
+    from llm_ops_helper.agent.wiring import build_supervisor
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "replicas.json").write_text("{")
+    toml = tmp_path / "agent.toml"
+    toml.write_text(f'[broker]\nhost = "localhost"\n[supervisor]\nstate_dir = "{state}"\n')
+    with pytest.raises(agent_config.ConfigError, match="move it aside"):
+        build_supervisor(agent_config.load(str(toml)), None)
 
 
 def test_pick_port_skips_ports_in_use_and_taken() -> None:
@@ -70,9 +83,13 @@ def test_pick_port_skips_ports_in_use_and_taken() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        assert not port_is_free("127.0.0.1", port)
         with pytest.raises(NoFreePort, match=r"supervisor\.port_range"):
             pick_port("127.0.0.1", port, port, taken=set())
-        assert pick_port("127.0.0.1", port, port + 1, taken=set()) == port + 1
+    in_use = {100, 102}
+    for _ in range(20):  # whatever the random start
+        assert pick_port("h", 100, 103, taken={101}, preferred=102,
+                         is_free=lambda _h, p: p not in in_use) == 103
 
 
 def test_gpu_env_prefers_uuids_and_falls_back_to_pci_ordered_indices() -> None:
@@ -81,6 +98,9 @@ def test_gpu_env_prefers_uuids_and_falls_back_to_pci_ordered_indices() -> None:
     assert gpu_env([1, 0], inventory) == {"CUDA_VISIBLE_DEVICES": "GPU-bbb,GPU-aaa"}
     assert gpu_env([1], []) == {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     assert gpu_env([], inventory) == {"CUDA_VISIBLE_DEVICES": ""}
+    # Simulated GPUs: their UUIDs mean nothing to a real CUDA.
+    assert gpu_env([1], inventory, uuids=False) == {"CUDA_VISIBLE_DEVICES": "1",
+                                                     "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def test_log_is_trimmed_to_its_tail_at_a_line_boundary(tmp_path: Path) -> None:
@@ -90,3 +110,53 @@ def test_log_is_trimmed_to_its_tail_at_a_line_boundary(tmp_path: Path) -> None:
     text = log.read_text()
     assert len(text) <= 100 and text.startswith("line ") and text.endswith("line 999\n")
     assert last_log_line(log) == "line 999"
+
+
+def test_a_running_replicas_log_is_cut_to_its_tail_past_the_cap(tmp_path: Path) -> None:
+    log = tmp_path / "r.log"
+    with log.open("ab") as appender:  # the replica's own descriptor, O_APPEND
+        appender.write(b"".join(b"line %d\n" % i for i in range(10000)))
+        appender.flush()
+        assert not cap_log(log, max_bytes=1 << 20, keep=100)
+        assert cap_log(log, max_bytes=1000, keep=100)
+        appender.write(b"after the cut\n")
+    lines = log.read_text().splitlines()
+    assert "log cut at" in lines[0]
+    assert lines[-2:] == ["line 9999", "after the cut"]
+    assert log.stat().st_size < 200
+
+
+async def test_the_state_writer_coalesces_changes_and_writes_the_latest_in_order(
+        tmp_path: Path) -> None:
+    current: list[statefile.ReplicaRecord] = []
+    snapshots = 0
+
+    def records() -> list[statefile.ReplicaRecord]:
+        nonlocal snapshots
+        snapshots += 1
+        return list(current)
+
+    writer = statefile.StateWriter(tmp_path, records)
+    writer.start()
+    for i in range(50):  # a burst of transitions, faster than the disk
+        current = [statefile.ReplicaRecord(spec=spec(f"r{i}"), spec_hash="h", state="ready")]
+        writer.changed()
+    assert await writer.flush()
+    assert snapshots <= 3, "one write per burst, not one per change"
+    assert [r.spec.name for r in statefile.load(tmp_path)] == ["r49"]
+    current = []
+    writer.changed()
+    await writer.close()  # the final state is flushed
+    assert statefile.load(tmp_path) == []
+    assert (tmp_path / "replicas.json").stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_failed_state_write_is_retried_on_the_next_change(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    writer = statefile.StateWriter(missing, list)
+    writer.start()
+    assert not await writer.flush(), "the directory is missing: the write fails"
+    missing.mkdir()
+    assert await writer.flush()
+    assert statefile.load(missing) == []
+    await writer.close()

@@ -82,6 +82,10 @@ async def test_deploy_is_idempotent_and_refuses_a_different_spec_under_the_same_
     ({"runtime": "tensorrt"}, "unknown runtime 'tensorrt'; this agent knows test"),
     ({"gpus": [0, 5]}, "GPU 5 not on this host (it has 0, 1)"),
     ({"name": "Bad_Name"}, "replica name 'Bad_Name' is not usable"),
+    ({"gpus": [1, 1]}, "GPU indices repeat in [1, 1]"),
+    ({"crash_loop_window_s": 0.0}, "crash_loop_window_s must be > 0"),
+    ({"artifact": ArtifactRef(sha256="../../x", size_bytes=1, url="http://h/a")},
+     "artifact sha256 '../../x' is not 64 lowercase hex digits"),
 ])
 async def test_deploy_refuses_at_once_what_cannot_work(make_supervisor, fields, message) -> None:
     sup = await make_supervisor()
@@ -232,3 +236,117 @@ async def test_a_server_binary_that_is_missing_fails_the_replica_at_once(make_su
                              and sup.replicas["tiny-r1-kkkkkk"], "failed")
     assert replica.reason == ("cannot start /nonexistent/llama-server: No such file or "
                               "directory")
+
+
+async def test_a_deploy_while_draining_is_refused_and_a_stop_without_drain_cuts_it_short(
+        make_supervisor, tmp_path: Path) -> None:
+    sup = await make_supervisor()
+    s = spec("tiny-r1-cutcut", "--control", str(tmp_path))
+    (tmp_path / "running").write_text("2")  # never drains by itself
+    await sup.deploy(s)
+    await wait_for(lambda: sup.replicas[s.name].state == "ready", "ready")
+    assert (await sup.stop(s.name, drain=True, timeout_s=3600))["state"] == "draining"
+    with pytest.raises(DeployError, match="being stopped"):
+        await sup.deploy(s)
+    async with asyncio.timeout(30):  # a hang guard: the drain itself would take an hour
+        await sup.stop(s.name, drain=False, timeout_s=0, wait=True)
+    assert sup.replicas[s.name].state == "stopped"
+    assert replica_processes(sup.state_dir, s.name) == []
+
+
+async def test_a_process_that_left_the_group_is_killed_with_its_replica(make_supervisor) -> None:
+    sup = await make_supervisor()
+    s = spec("tiny-r1-escape", "--spawn-escapee")
+    await sup.deploy(s)
+    await wait_for(lambda: sup.replicas[s.name].state == "ready", "ready")
+    await wait_for(lambda: len(replica_processes(sup.state_dir, s.name)) == 2, "escapee up")
+    await sup.stop(s.name, drain=False, timeout_s=0, wait=True)
+    assert replica_processes(sup.state_dir, s.name) == []
+
+
+async def test_replicas_get_a_home_and_caches_under_the_state_dir(
+        make_supervisor, state_dir: Path) -> None:
+    sup = await make_supervisor()
+    await sup.deploy(spec("tiny-r1-home01"))
+    await sup.deploy(spec("tiny-r1-home02", env={"HF_HOME": "/models/hf"}))
+    for name in ("tiny-r1-home01", "tiny-r1-home02"):
+        await wait_for(lambda n=name: sup.replicas[n].state == "ready", "ready")
+    env1 = psutil.Process(sup.replicas["tiny-r1-home01"].child.pid).environ()
+    env2 = psutil.Process(sup.replicas["tiny-r1-home02"].child.pid).environ()
+    home = str(state_dir / "home")
+    assert env1["HOME"] == home
+    if "XDG_CACHE_HOME" not in os.environ and "HF_HOME" not in os.environ:
+        assert env1["XDG_CACHE_HOME"] == f"{home}/.cache"
+        assert env1["HF_HOME"] == f"{home}/.cache/huggingface"
+    assert env2["HF_HOME"] == "/models/hf", "the spec's env wins"
+
+
+async def test_state_file_and_logs_are_private(make_supervisor, state_dir: Path) -> None:
+    sup = await make_supervisor()
+    s = spec("tiny-r1-privat", env={"TOKEN": "secret"})
+    await sup.deploy(s)
+    await wait_for(lambda: sup.replicas[s.name].state == "ready", "ready")
+    await sup._persist()
+    assert (state_dir / "replicas.json").stat().st_mode & 0o777 == 0o600
+    assert (state_dir / "logs" / f"{s.name}.log").stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_failed_replica_is_forgotten_after_a_while(make_supervisor, monkeypatch) -> None:
+    sup = await make_supervisor()
+    s = spec("tiny-r1-failed", "--exit-at-start", "3", crash_loop_restarts=0)
+    await sup.deploy(s)
+    await wait_for(lambda: sup.replicas[s.name].state == "failed", "failed")
+    sup._prune()
+    assert s.name in sup.replicas, "kept a while, so its reason can be read"
+    sup.replicas[s.name].stopped_at = -1e9  # long ago
+    sup._prune()
+    assert s.name not in sup.replicas
+    await sup._persist()
+    assert load(sup.state_dir) == []
+
+
+async def test_a_drain_without_timeout_uses_the_specs_drain_timeout(
+        make_supervisor, tmp_path: Path) -> None:
+    sup = await make_supervisor()
+    s = spec("tiny-r1-dtime1", "--control", str(tmp_path), drain_timeout_s=0.5)
+    (tmp_path / "running").write_text("3")
+    await sup.deploy(s)
+    await wait_for(lambda: sup.replicas[s.name].state == "ready", "ready")
+    with capture_logs() as logs:
+        await sup.stop(s.name, drain=True, wait=True)
+    assert any(e["event"] == "replica_drain_timeout" and e["timeout_s"] == 0.5 for e in logs)
+
+
+async def test_a_replica_waits_for_a_free_port_instead_of_failing(make_supervisor) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        sup = await make_supervisor(port_range=(port, port))
+        s = spec("tiny-r1-portwt")
+        await sup.deploy(s)
+        await wait_for(lambda: "waiting for a port" in (sup.replicas[s.name].reason or ""),
+                       "waiting for a port")
+        assert sup.replicas[s.name].state == "starting"
+    finally:
+        busy.close()
+    await wait_for(lambda: sup.replicas[s.name].state == "ready", "ready once the port is free")
+    assert sup.replicas[s.name].port == port
+
+
+async def test_an_internal_error_fails_the_replica_without_leaving_its_process(
+        make_supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    sup = await make_supervisor()
+
+    async def broken(replica: object, exited: object) -> bool:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(sup, "_until_ready", broken)
+    s = spec("tiny-r1-interr")
+    await sup.deploy(s)
+    await wait_for(lambda: sup.replicas[s.name].state == "failed", "failed")
+    assert "internal error: ZeroDivisionError: a bug" in (sup.replicas[s.name].reason or "")
+    assert replica_processes(sup.state_dir, s.name) == []

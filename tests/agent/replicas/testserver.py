@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -28,12 +29,18 @@ def main() -> None:
     parser.add_argument("--crash-after", type=float, default=None)
     parser.add_argument("--start-delay", type=float, default=0.0)
     parser.add_argument("--ignore-sigterm", action="store_true")
+    # Start a helper in a session of its own: it leaves the replica's process group.
+    parser.add_argument("--spawn-escapee", action="store_true")
     args = parser.parse_args()
     control = Path(args.control) if args.control else None
     print(f"testserver pid {os.getpid()} on {args.host}:{args.port} model={args.model}",
           flush=True)
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.spawn_escapee:
+        escapee = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"],
+                                   start_new_session=True)
+        print(f"escapee pid {escapee.pid}", flush=True)
     if args.exit_at_start is not None:
         print("fatal: cannot load model", flush=True)
         sys.exit(args.exit_at_start)
