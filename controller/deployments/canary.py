@@ -37,9 +37,15 @@ class Canary:
 
     def start(self, d: Deployment, now: float) -> None:
         d.canary_started_at = now
-        self._baselines[d.name] = {
-            r.name: self.observer.totals(r) for r in self.ledger.records_of(d.name)
-            if r.name in self.observer.replicas_of(r.host)}
+        baselines = {}
+        for r in self.ledger.records_of(d.name):
+            if r.name in self.observer.replicas_of(r.host):
+                baselines[r.name] = self.observer.totals(r)
+            elif r.revision == d.revision:
+                # Ready by its event before any snapshot carried its counters: a server this
+                # young counts from zero, so everything it reports is this window's.
+                baselines[r.name] = Totals()
+        self._baselines[d.name] = baselines
         self.ledger.event(d.name, "canary_started", f"holding the rollout "
                           f"{d.spec.rollback.observe_s:.0f} s to compare the first new "
                           "replica with the old ones", now)

@@ -348,6 +348,30 @@ async def test_canary_compares_and_rolls_back_on_error_rate(world: World) -> Non
     assert "error rate 20.0% on tiny@2" in world.engine.history("chat")["revisions"][1]["failed"]
 
 
+async def test_a_canary_ready_by_its_event_before_any_snapshot_is_still_judged(
+        world: World) -> None:
+    # The first new replica's "ready" event can beat the first snapshot that carries its
+    # counters: its baseline is zero (a fresh server), not "unknown, leave it out".
+    world.engine.apply("chat", spec(rollback=RollbackPolicy(observe_s=30)))
+    world.deliver(world.step())
+    world.ready_all()
+    world.step()
+    world.engine.apply("chat", spec("tiny@2", rollback=RollbackPolicy(observe_s=30)))
+    sent = world.take()
+    assert [s.kind for s in sent] == ["deploy_replica"]
+    world.deliver(sent)
+    new = sent[0]
+    world.engine.on_event(new.host, world.event(new.host, new.name, "ready"))
+    world.engine.tick()  # no snapshot since: the canary window opens on the event alone
+    assert "observing the first new replica" in world.engine.get("chat")["message"]
+    for host, replicas in world.agents.items():
+        for name, r in replicas.items():
+            world.traffic(host, name, requests=100.0,
+                          failed=30.0 if r.version == "tiny@2" else 0.0)
+    world.step(31)
+    assert "error rate 30.0% on tiny@2" in world.engine.history("chat")["revisions"][1]["failed"]
+
+
 async def test_delete_drains_then_removes(world: World) -> None:
     deployed(world)
     view = world.engine.delete("chat", by="erin")
