@@ -38,6 +38,7 @@ from llm_ops_helper.agent.replicas.process import (
     spawn,
 )
 from llm_ops_helper.agent.replicas.replica import (
+    FIRST_PROBE_S,
     POLL_S,
     Replica,
     ReplicaFailed,
@@ -234,6 +235,9 @@ class ReplicaLife:
         timeout = replica.spec.ready_timeout_s
         started = loop.time()
         deadline = started + timeout
+        # Small servers are up in a tenth of a second: probe often at first, then every
+        # POLL_S (a fixed 0.25 s was most of a tiny llama.cpp replica's time to ready).
+        pause = FIRST_PROBE_S
         while True:
             error = await probe_health(self._session, replica.plan.health_url)
             if error is None:
@@ -244,9 +248,10 @@ class ReplicaLife:
                 await replica.child.terminate(self.config.stop_grace_s)
                 replica.child = None
                 raise ReplicaFailed(f"not ready after {timeout:g} s; last probe: {error}")
-            done, _ = await asyncio.wait({exited}, timeout=min(POLL_S, deadline - loop.time()))
+            done, _ = await asyncio.wait({exited}, timeout=min(pause, deadline - loop.time()))
             if done:
                 return False
+            pause = min(POLL_S, pause * 1.5)
         replica.ever_ready = True
         log.info("replica_ready", replica=replica.name, url=replica.url,
                  seconds=round(loop.time() - started, 2))

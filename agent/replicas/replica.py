@@ -17,8 +17,9 @@ NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 STOPPED_KEPT_S = 60.0
 # A failed one (no process, nothing to adopt) longer, so its reason can be read, then too.
 FAILED_KEPT_S = 3600.0
-# Readiness and drain polling.
+# Readiness and drain polling; readiness starts at FIRST_PROBE_S and grows to POLL_S.
 POLL_S = 0.25
+FIRST_PROBE_S = 0.02
 SCRAPED_STATES: tuple[ReplicaState, ...] = ("starting", "ready", "draining")
 USING_ARTIFACT: tuple[ReplicaState, ...] = ("pending", "fetching", "starting", "ready",
                                             "draining")
