@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -11,20 +10,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from llm_ops_helper.controller.deployments.api import add_routes
 
-from .world import World, register
+from .world import World
 
 BASE = "/api/v1/deployments"
 NO_CANARY = {"observe_s": 0}
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> World:
-    w = World(tmp_path)
-    for label in ("one", "two"):
-        await register(w.registry, "tiny", label)
-    w.host("host-a")
-    w.host("host-b")
-    return w
 
 
 @pytest.fixture

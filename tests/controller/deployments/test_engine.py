@@ -3,8 +3,6 @@ messages, real SQLite, commands verified as an agent verifies them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import msgspec
 import pytest
 
@@ -12,7 +10,7 @@ from llm_ops_helper.controller.deployments.errors import Conflict, Invalid, NotF
 from llm_ops_helper.controller.deployments.spec import DeploymentSpec, RollbackPolicy
 from llm_ops_helper.proto.messages import Alert, CommandResult, ReplicaSpec
 
-from .world import GIB, World, register
+from .world import GIB, World
 
 NO_CANARY = RollbackPolicy(observe_s=0)
 
@@ -21,16 +19,6 @@ def spec(model: str = "tiny@1", replicas: int = 2, **fields: object) -> Deployme
     fields.setdefault("rollback", NO_CANARY)
     fields.setdefault("gpus_per_replica", 1)
     return DeploymentSpec(model=model, replicas=replicas, **fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> World:
-    w = World(tmp_path)
-    for label in ("one", "two", "three"):
-        await register(w.registry, "tiny", label)
-    w.host("host-a")
-    w.host("host-b")
-    return w
 
 
 def deployed(w: World, name: str = "chat") -> dict[str, object]:

@@ -4,7 +4,6 @@ why, and never churns or rolls back to what it cannot run."""
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 import pytest
 
@@ -16,18 +15,7 @@ from llm_ops_helper.controller.registry.errors import Conflict as RegistryConfli
 from llm_ops_helper.proto.messages import CommandResult
 
 from .test_engine import deployed, spec
-from .world import World, register
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> World:
-    w = World(tmp_path)
-    for label in ("one", "two", "three"):
-        await register(w.registry, "tiny", label)
-    w.host("host-a")
-    w.host("host-b")
-    w.registry.in_use = w.engine.refs_in_use
-    return w
+from .world import World
 
 
 def settled(w: World) -> None:

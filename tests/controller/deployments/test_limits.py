@@ -18,17 +18,7 @@ from llm_ops_helper.controller.state import build_state
 from llm_ops_helper.proto.messages import Alert, CommandKind, StopReplica
 
 from .test_engine import deployed, spec
-from .world import World, register
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> World:
-    w = World(tmp_path)
-    for label in ("one", "two", "three"):
-        await register(w.registry, "tiny", label)
-    w.host("host-a")
-    w.host("host-b")
-    return w
+from .world import World
 
 
 async def test_replicas_are_capped_and_placed_fifty_a_pass(world: World) -> None:

@@ -3,24 +3,10 @@ leaves alone; agents' clocks do not decide what came after what."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from llm_ops_helper.controller.deployments.spec import RollbackPolicy
 
 from .test_engine import deployed, kinds, spec
-from .world import World, register
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> World:
-    w = World(tmp_path)
-    for label in ("one", "two", "three"):
-        await register(w.registry, "tiny", label)
-    w.host("host-a")
-    w.host("host-b")
-    return w
+from .world import World
 
 
 def event_kinds(w: World, name: str = "chat") -> list[str]:
