@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[3]
 FIRST_AGENT = """
 import asyncio, sys
 from pathlib import Path
+from llm_ops_helper.agent.replicas.statefile import load
 from llm_ops_helper.agent.replicas.supervisor import Supervisor
 from tests.agent.replicas.helpers import RUNTIMES, spec, supervisor_config
 
@@ -29,7 +30,9 @@ async def main():
     sup = Supervisor(supervisor_config(Path(sys.argv[1])), host="gpu-test", runtimes=RUNTIMES)
     await sup.start()
     await sup.deploy(spec(sys.argv[2]))
-    while sup.replicas[sys.argv[2]].state != "ready":
+    # Ready, and written so (the state file is written off the loop, a moment later).
+    while not any(r.spec.name == sys.argv[2] and r.state == "ready"
+                  for r in load(Path(sys.argv[1]))):
         await asyncio.sleep(0.05)
     print("READY", sup.replicas[sys.argv[2]].child.pid, flush=True)
     await asyncio.sleep(3600)
