@@ -249,6 +249,11 @@ class Supervisor(ReplicaLife):
     async def _persist(self) -> None:
         await self._writer.flush()
 
+    async def saved(self) -> None:
+        """Return once the state file holds every change made so far (it is written off the
+        loop, coalesced, a moment after each change)."""
+        await self._writer.flush()
+
     def _set(self, replica: Replica, state: ReplicaState, reason: str | None = None) -> None:
         changed = (state, reason) != (replica.state, replica.reason)
         replica.state, replica.reason = state, reason

@@ -94,6 +94,7 @@ async def test_a_replica_that_died_with_the_agent_is_restarted_from_its_spec(
                              "ready again")
     assert replica.restarts == 1 and replica.child.pid != pid
     assert replica.spec == spec(name)
+    await sup.saved()
     [record] = load(state_dir)
     assert record.pid == replica.child.pid
 

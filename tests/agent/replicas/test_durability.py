@@ -89,7 +89,7 @@ async def test_a_stop_in_progress_is_finished_by_the_next_agent_not_undone(
     assert second.replicas[s.name].restarts == 0
     assert replica_processes(state_dir, s.name) == []
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    await second._persist()
+    await second.saved()
     assert load(state_dir) == []
 
 

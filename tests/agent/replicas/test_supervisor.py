@@ -46,6 +46,7 @@ async def test_deploy_starts_a_ready_replica_with_its_gpus_port_log_and_state_fi
     assert env["EXTRA"] == "1"
     assert os.getpgid(proc.pid) == proc.pid, "the replica leads its own process group"
     assert "testserver pid" in (state_dir / "logs" / f"{s.name}.log").read_text()
+    await sup.saved()
     [record] = load(state_dir)
     assert (record.spec, record.state, record.pid, record.port) == (
         s, "ready", proc.pid, replica.port)
