@@ -40,6 +40,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_ops_helper.agent.collectors.base import Collected
+from llm_ops_helper.agent.collectors.quantiles import interval_percentiles
 from llm_ops_helper.proto.messages import Histogram, ReplicaSample
 
 AGGREGATIONS: Final = ("sum", "max", "mean", "min")
@@ -443,11 +444,14 @@ class RuntimeCollector:
         self.timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._parsers: dict[ScrapeTarget, MetricsParser] = {}
+        # Each target's histograms at its last scrape, for this interval's percentiles.
+        self._histograms: dict[ScrapeTarget, dict[str, Histogram]] = {}
 
     async def collect(self) -> Collected:
         targets = list(self.targets())
         # Keep what each parser learnt for targets still listed; forget the rest.
         self._parsers = {t: self._parsers.get(t) or MetricsParser(t.runtime) for t in targets}
+        self._histograms = {t: h for t, h in self._histograms.items() if t in self._parsers}
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=_SCRAPE_HEADERS, timeout=aiohttp.ClientTimeout(total=None))
@@ -489,6 +493,10 @@ class RuntimeCollector:
             metrics, histograms = parser.parse(body.decode("utf-8"))
         except (UnicodeDecodeError, MetricsParseError) as exc:
             return down(f"unparseable metrics: {exc}")
+        before = self._histograms.get(target)
+        self._histograms[target] = histograms
+        if before is not None:
+            metrics = metrics | interval_percentiles(before, histograms)
         return ReplicaSample(name=target.name, runtime=target.runtime, up=True,
                              scrape_ms=round((time.perf_counter() - start) * 1000, 3),
                              metrics=metrics, histograms=histograms)

@@ -284,3 +284,29 @@ def test_the_simulator_module_runs_with_this_python() -> None:
     done = subprocess.run([sys.executable, "-m", "llm_ops_helper.agent.runtimes.simserver",
                            "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--model-card" in done.stdout
+
+
+async def test_the_runtime_collector_reports_each_intervals_latency_percentiles(
+        tmp_path: Path) -> None:
+    # A real server scraped twice by the agent's collector, with requests in between: the
+    # second sample carries this interval's TTFT percentiles (the controller keeps only
+    # histogram sums and counts, so percentiles are made here).
+    from llm_ops_helper.agent.collectors.runtime import RuntimeCollector, ScrapeTarget
+
+    async with sim(tmp_path, ttft_base_ms=200.0, ttft_per_prompt_token_ms=0.0,
+                   itl_ms=2.0) as (server, http):
+        assert server.plan.metrics_url is not None
+        target = ScrapeTarget("tiny-r1-abc123", "sim", server.plan.metrics_url)
+        collector = RuntimeCollector(lambda: [target])
+        try:
+            (first,) = (await collector.collect()).replicas or []
+            assert not any(k.startswith("ttft_p") for k in first.metrics)
+            for _ in range(3):
+                status, _ = await post(server, http, "/v1/chat/completions", CHAT)
+                assert status == 200
+            (second,) = (await collector.collect()).replicas or []
+        finally:
+            await collector.close()
+    p50, p99 = second.metrics["ttft_p50_seconds"], second.metrics["ttft_p99_seconds"]
+    assert 0.1 < p50 <= p99 <= 0.5, second.metrics  # vLLM's bucket around 200 ms: (0.1, 0.25]
+    assert "itl_p90_seconds" in second.metrics
