@@ -24,6 +24,7 @@ bench: bootstrap
 	.venv/bin/python bench/nab.py
 	.venv/bin/python bench/ingest.py
 	.venv/bin/python bench/deploy.py
+	.venv/bin/python bench/autoscale.py
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""``llmops eval``: run the controller's anomaly detector over NAB data and score it.
+"""``llmops eval``: score the anomaly detector on NAB data; replay traffic through the autoscaler.
 
 Kept apart from cli.py, and importing the scorer (numpy) and the runner (river) only inside
 the commands, so `llmops demo` and `llmops watch` never pay for them.
@@ -24,8 +24,8 @@ class EvalError(Exception):
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``eval nab-score`` and ``eval anomaly`` under the top-level parser."""
-    group = sub.add_parser("eval", help="evaluate the anomaly detector on NAB data")
+    """Register ``eval nab-score``, ``eval anomaly`` and ``eval autoscale``."""
+    group = sub.add_parser("eval", help="evaluate the anomaly detector and the autoscaler")
     commands = group.add_subparsers(dest="eval_command", required=True)
 
     score = commands.add_parser("nab-score", help="score detector results with NAB's scorer")
@@ -45,12 +45,64 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     anomaly.add_argument("--out", type=Path, required=True, metavar="OUT",
                          help="where to write OUT/<category>/<name>.csv results")
 
+    scale = commands.add_parser(
+        "autoscale", help="replay a request trace through an autoscaling policy",
+        description="Replay a trace in virtual time: each bin's replicas are decided from the "
+                    "bins before it; new replicas serve COLD_START seconds after they are asked "
+                    "for. Writes one row per bin and prints the time short of replicas and the "
+                    "billed replica-seconds.")
+    scale.add_argument("--trace", type=Path, required=True, metavar="FILE",
+                       help="CSV with TIMESTAMP,ContextTokens,GeneratedTokens (Azure LLM trace)")
+    scale.add_argument("--bin", type=_positive, default=5.0, metavar="SECONDS",
+                       help="bin width (default 5)")
+    scale.add_argument("--capacity", type=_positive, required=True, metavar="TOKENS_PER_S",
+                       help="tokens per second one replica serves")
+    scale.add_argument("--cold-start", type=_non_negative, default=60.0, metavar="SECONDS",
+                       help="seconds from asking for a replica to its serving (default 60)")
+    scale.add_argument("--policy", choices=("predictive", "reactive", "hpa"),
+                       default="predictive", help="default: predictive (the controller's own)")
+    scale.add_argument("--window", type=_non_negative, default=None, metavar="SECONDS",
+                       help="scale-down stabilisation window (hpa default 300, predictive 0)")
+    scale.add_argument("--target-utilization", type=_fraction, default=None, metavar="F",
+                       help="fraction of capacity to plan for (reactive 1.0, hpa 0.8, "
+                            "predictive 0.5)")
+    scale.add_argument("--quantile", type=_fraction, default=0.9, metavar="Q",
+                       help="predictive: coverage of the forecast's upper bound (default 0.9)")
+    scale.add_argument("--min-replicas", type=int, default=1, metavar="N")
+    scale.add_argument("--max-replicas", type=int, default=1000, metavar="N")
+    scale.add_argument("--out", type=Path, required=True, metavar="CSV",
+                       help="decisions: t,load_tokens,desired_replicas (then active_replicas, "
+                            "short, rule)")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen ``eval`` command; bad input exits 2 with one line naming the path."""
     try:
         if args.eval_command == "nab-score":
             return _nab_score(args)
+        if args.eval_command == "autoscale":
+            return _autoscale(args)
         return _anomaly(args)
     except EvalError as exc:
         print(f"llmops eval: error: {exc}", file=sys.stderr)
@@ -138,4 +190,34 @@ def _anomaly(args: argparse.Namespace) -> int:
     us_per_sample = 1e6 * summary.seconds / summary.rows if summary.rows else 0.0
     print(f"{summary.files} files, {summary.rows} rows in {summary.seconds:.2f} s "
           f"({us_per_sample:.1f} µs per sample); results in {args.out}")
+    return 0
+
+
+def _autoscale(args: argparse.Namespace) -> int:
+    try:
+        from llm_ops_helper.controller.autoscale import replay as rp
+    except ImportError as exc:
+        raise EvalError(f"cannot load the autoscaler ({exc}); install the controller "
+                        "extra: pip install 'llm-ops-helper[controller]'") from None
+    if not 0 <= args.min_replicas <= args.max_replicas:
+        raise EvalError(f"need 0 <= --min-replicas <= --max-replicas, got {args.min_replicas} "
+                        f"and {args.max_replicas}")
+    if args.quantile >= 1:
+        raise EvalError(f"--quantile must be below 1, got {args.quantile:g}")
+    try:
+        trace = rp.read_trace(args.trace)
+    except rp.TraceError as exc:
+        raise EvalError(str(exc)) from None
+    setup = rp.Setup(args.bin, args.capacity, args.cold_start)
+    stepper = rp.stepper_for(args.policy, setup, min_replicas=args.min_replicas,
+                             max_replicas=args.max_replicas,
+                             target_utilization=args.target_utilization, window_s=args.window,
+                             quantile=args.quantile)
+    rows = rp.replay(rp.bin_loads(trace, args.bin), stepper, setup, args.min_replicas)
+    try:
+        rp.write_csv(rows, args.out)
+    except OSError as exc:
+        raise EvalError(f"{args.out}: cannot write decisions: {exc.strerror}") from None
+    summary = rp.summarize(rows, setup, args.min_replicas)
+    print(f"{args.policy}: {summary.text()}; decisions in {args.out}")
     return 0

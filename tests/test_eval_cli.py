@@ -113,3 +113,71 @@ def test_the_command_line_loads_numpy_and_river_only_for_eval() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('river', 'numpy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def write_trace(path: Path, rows: int = 240) -> Path:
+    """Requests every second for `rows` seconds, a burst of 20 in the middle minute."""
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for i in range(rows):
+        t = datetime(2023, 11, 16, 18) + timedelta(seconds=i, microseconds=123)
+        lines.append(f"{t.isoformat(sep=' ')}0,{400 if 100 <= i < 160 else 40},10")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("policy", ["predictive", "reactive", "hpa"])
+def test_eval_autoscale_writes_one_row_per_bin_and_a_summary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str) -> None:
+    trace, out = write_trace(tmp_path / "trace.csv"), tmp_path / "decisions.csv"
+    assert main(["eval", "autoscale", "--trace", str(trace), "--bin", "10", "--capacity", "100",
+                 "--cold-start", "30", "--policy", policy, "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("t,load_tokens,desired_replicas,")
+    assert len(lines) == 1 + 24
+    assert lines[1].split(",")[:3] == ["0", "500", "1"]
+    assert [line.split(",")[1] for line in lines[11:13]] == ["4100", "4100"]
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{policy}: 24 bins of 10 s: too few active replicas in ")
+    assert "billed" in printed and str(out) in printed
+
+
+def test_eval_autoscale_hpa_options_change_the_decisions(tmp_path: Path) -> None:
+    trace = write_trace(tmp_path / "trace.csv")
+    counts = []
+    for window in ("0", "120"):
+        out = tmp_path / f"{window}.csv"
+        assert main(["eval", "autoscale", "--trace", str(trace), "--bin", "10", "--capacity",
+                     "100", "--policy", "hpa", "--window", window, "--target-utilization", "1",
+                     "--out", str(out)]) == 0
+        counts.append(sum(int(r.split(",")[2]) for r in out.read_text().splitlines()[1:]))
+    assert counts[1] > counts[0]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "trace.csv:1: empty file"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:01,1,1\n2023-11-16 18:00:00,1,1\n",
+     "trace.csv:3: timestamps not sorted"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:01,1,1\nnot a time,1,1\n",
+     "trace.csv:3: TIMESTAMP 'not a time' is not a timestamp"),
+])
+def test_eval_autoscale_bad_trace_is_one_line_with_the_line_number(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text(content)
+    assert main(["eval", "autoscale", "--trace", str(trace), "--capacity", "100",
+                 "--out", str(tmp_path / "d.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmops eval: error: ") and message in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "d.csv").exists()
+
+
+def test_eval_autoscale_rejects_bad_numbers(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_trace(tmp_path / "trace.csv")
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "autoscale", "--trace", str(trace), "--capacity", "0", "--out", "d.csv"])
+    assert exc.value.code == 2
+    assert "must be > 0" in capsys.readouterr().err
+    assert main(["eval", "autoscale", "--trace", str(trace), "--capacity", "1",
+                 "--min-replicas", "3", "--max-replicas", "2", "--out", "d.csv"]) == 2

@@ -1,0 +1,1 @@
+"""Autoscaling: load forecasts, the scaling policy, and replay evaluation."""
