@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from llm_ops_helper.controller.autoscale import api as autoscale_api
 from llm_ops_helper.controller.deployments import api as deployments_api
 from llm_ops_helper.controller.fleet import HostState
 from llm_ops_helper.controller.metrics import exposition, registry_for
@@ -179,4 +180,5 @@ def build_app(state: ControllerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     registry_api.add_routes(app, state.registry, public_url=lambda: state.public_url)
     deployments_api.add_routes(app, state.deployments)
+    autoscale_api.add_routes(app, state.autoscaler)
     return app

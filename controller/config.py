@@ -70,6 +70,17 @@ class DeploymentsConfig(Section, kw_only=True, frozen=True):
     host_lost_grace_s: NonNegative = 60.0
 
 
+class AutoscaleConfig(Section, kw_only=True, frozen=True):
+    # Deployments with autoscale mode "on" or "advisory" are decided this often (a deployment's
+    # own autoscale.interval_s, when longer, spaces its decisions further apart).
+    interval_s: Positive = 5.0
+    # The forecast horizon until a deployment's own replicas have shown how long they take
+    # from placement to ready (then: the median of its recent ones).
+    default_cold_start_s: Positive = 60.0
+    # The most a window moves the learned capacity per replica (a fraction of it).
+    capacity_step: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.25
+
+
 class StateConfig(Section, kw_only=True, frozen=True):
     # SQLite database (alerts, anomalies, deliveries) and detector checkpoints live here.
     dir: str = "/var/lib/llmops-controller"
@@ -143,6 +154,7 @@ class ControllerConfig(Section, kw_only=True, frozen=True):
     registry: RegistryConfig = RegistryConfig()
     commands: CommandsConfig = CommandsConfig()
     deployments: DeploymentsConfig = DeploymentsConfig()
+    autoscale: AutoscaleConfig = AutoscaleConfig()
     source: str = ""
 
     def resolve(self, path: str) -> Path:

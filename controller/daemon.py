@@ -1,10 +1,11 @@
 """The controller daemon: one TaskGroup, visible phases.
 
-Start-up: state built from config (SQLite opened, firing alerts and detector checkpoints
-restored), the HTTP server bound. Main loop, side by side: the broker session (ingest runs
-inside its receive loop), the scoring batches, the sweeper (staleness, held alerts), the
-checkpointer and one sender per webhook. Shutdown: the stop event ends the loops; the last
-batch is scored, the detectors are checkpointed and the HTTP server closed.
+Start-up: state built from config (SQLite opened, firing alerts, detector and forecaster
+checkpoints restored), the HTTP server bound. Main loop, side by side: the broker session
+(ingest runs inside its receive loop), the scoring batches, the sweeper (staleness, held
+alerts), the checkpointer, the autoscaler's decisions, the deployment engine and one sender
+per webhook. Shutdown: the stop event ends the loops; the last batch is scored, the detectors
+and forecasters are checkpointed and the HTTP server closed.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ class Controller:
                 if self.state.analytics is not None:
                     tg.create_task(self._every(stop, config.detection.batch_interval_s,
                                                self.score))
-                    tg.create_task(self._checkpoints(stop, config.state.checkpoint_interval_s))
+                tg.create_task(self._checkpoints(stop, config.state.checkpoint_interval_s))
+                tg.create_task(self._every(stop, config.autoscale.interval_s,
+                                           self._autoscale))
                 tg.create_task(self._every(stop, GC_FREEZE_INTERVAL_S, self._gc.tick))
                 tg.create_task(self._every(stop, PRUNE_INTERVAL_S, self._prune))
                 tg.create_task(self.state.deployments.run(stop))
@@ -113,6 +116,7 @@ class Controller:
             self.state.store.close()
             self.state.registry.close()
             self.state.deployments.store.close()
+            self.state.autoscaler.store.close()
             log.info("controller_stopped")
 
     def _prune(self) -> None:
@@ -120,8 +124,12 @@ class Controller:
         before = time.time() - days * 86_400
         removed = self.state.store.prune(before)
         self.state.deployments.store.prune_events(before)
+        removed += self.state.autoscaler.store.prune(before)
         if removed:
             log.info("store_pruned", rows=removed, retention_days=days)
+
+    def _autoscale(self) -> None:
+        self.state.autoscaler.tick()
 
     def _sweep(self) -> None:
         self.state.ingest.sweep()
@@ -148,7 +156,7 @@ class Controller:
                     await self.state.checkpoint_in_background()
                 except OSError as exc:  # a full disk: keep running, say so, try next time
                     self.task_errors += 1
-                    log.error("checkpoint_failed", path=str(self.state.detectors_path),
+                    log.error("checkpoint_failed", path=str(self.state.config.state_dir),
                               error=str(exc))
 
     async def _every(self, stop: asyncio.Event, interval: float,

@@ -14,6 +14,8 @@ import structlog
 from llm_ops_helper.controller.alerts import AlertManager
 from llm_ops_helper.controller.analytics.bank import BankFileError, DetectorBank
 from llm_ops_helper.controller.anomalies import Analytics, Detection, SeriesInfo
+from llm_ops_helper.controller.autoscale.autoscaler import Autoscaler, AutoscalerConfig
+from llm_ops_helper.controller.autoscale.store import DecisionStore, DecisionStoreError
 from llm_ops_helper.controller.config import ConfigError, ControllerConfig
 from llm_ops_helper.controller.deployments.commands import CommandError, CommandSender
 from llm_ops_helper.controller.deployments.reconciler import Deployments, EngineConfig
@@ -28,6 +30,7 @@ log = structlog.get_logger("llmops.controller")
 
 DB_FILE = "controller.db"
 DETECTORS_FILE = "detectors.npz"
+AUTOSCALE_FILE = "autoscale.pickle"
 # Signed commands waiting for the broker link at most; beyond, a send fails (and is retried).
 COMMAND_QUEUE_MAX = 10_000
 
@@ -45,6 +48,7 @@ class ControllerState:
     deployments: Deployments
     # Signed commands waiting for the broker link, (topic, payload, expires_at).
     commands_out: asyncio.Queue[tuple[str, bytes, float]]
+    autoscaler: Autoscaler
     webhooks: list[WebhookSender] = field(default_factory=list)
     # Where agents reach the API (artifact downloads): the configured advertise_url, else the
     # address the HTTP server bound (the daemon sets it once bound).
@@ -65,15 +69,22 @@ class ControllerState:
                         series=d.series, feature=d.feature, score=round(d.score, 3),
                         value=d.value, expected=d.expected)
 
+    @property
+    def autoscale_path(self) -> Path:
+        return self.config.state_dir / AUTOSCALE_FILE
+
     def checkpoint(self) -> None:
         if self.analytics is not None:
             self.analytics.save(self.detectors_path)
+        self.autoscaler.save(self.autoscale_path)
 
     async def checkpoint_in_background(self) -> None:
-        """Copy the detector state now; write it (an fsync'd file) in a worker thread."""
+        """Copy the detector and forecaster state now; write each (an fsync'd file) in a
+        worker thread."""
         if self.analytics is not None:
             write = self.analytics.bank.snapshot()
             await asyncio.to_thread(write, self.detectors_path)
+        await asyncio.to_thread(self.autoscaler.snapshot(), self.autoscale_path)
 
 
 def _never() -> bool:
@@ -162,8 +173,19 @@ def build_state(config: ControllerConfig) -> ControllerState:
     deployments.link_up = lambda: state.link_connected()
     ingest.on_event = deployments.on_event
     ingest.on_result = deployments.on_result
+    try:
+        decisions = DecisionStore(config.state_dir / DB_FILE)
+    except DecisionStoreError as exc:
+        raise ConfigError(str(exc)) from None
+    a = config.autoscale
+    autoscaler = Autoscaler(deployments, decisions, config=AutoscalerConfig(
+        interval_s=a.interval_s, default_cold_start_s=a.default_cold_start_s,
+        capacity_step=a.capacity_step))
+    if restored := autoscaler.restore(config.state_dir / AUTOSCALE_FILE):
+        log.info("autoscale_restored", path=str(config.state_dir / AUTOSCALE_FILE),
+                 deployments=restored)
     state = ControllerState(config, store, fleet, alerts, ingest, analytics, mqtt_alerts,
-                            registry, deployments, commands_out, webhooks,
+                            registry, deployments, commands_out, autoscaler, webhooks,
                             public_url=config.http.advertise_url)
     registry.gc()
     return state

@@ -10,7 +10,7 @@ engine's job, at apply time.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -51,6 +51,24 @@ class RollbackPolicy(_Strict, kw_only=True, frozen=True):
     min_requests: Annotated[int, msgspec.Meta(ge=1)] = 20
 
 
+class AutoscaleSpec(_Strict, kw_only=True, frozen=True):
+    # off: replicas as set; advisory: decide and explain, change nothing; on: write the count.
+    mode: Literal["off", "advisory", "on"] = "off"
+    # Fraction of a replica's learned capacity to plan for.
+    target_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    # Scale down only to the largest recommendation of this window.
+    scale_down_window_s: NonNegFloat = 300.0
+    # The latency objectives capacity is learned against (window means; see signals.py).
+    ttft_slo_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    itl_slo_s: Annotated[float, msgspec.Meta(gt=0)] = 0.1
+    # Tokens/s (prompt + generated) one replica sustains: only where learning starts.
+    capacity_tokens_per_s: Annotated[float, msgspec.Meta(gt=0)] = 1000.0
+    # Waiting requests one more replica absorbs.
+    queue_per_replica: Annotated[float, msgspec.Meta(gt=0)] = 8.0
+    # Seconds between decisions; None: the controller's [autoscale] interval_s.
+    interval_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
 class DeploymentSpec(_Strict, kw_only=True, frozen=True):
     model: str
     runtime: str | None = None
@@ -71,6 +89,7 @@ class DeploymentSpec(_Strict, kw_only=True, frozen=True):
     metrics_path: str | None = "/metrics"
     metrics_format: str | None = None
     rollback: RollbackPolicy = RollbackPolicy()
+    autoscale: AutoscaleSpec = AutoscaleSpec()
 
 
 # Fields whose change makes new replicas (a new revision); the others act on the running ones.
@@ -116,6 +135,9 @@ def check_spec(spec: DeploymentSpec) -> None:
         raise Invalid(f"spec field 'max_replicas': {top} is below min_replicas "
                       f"{spec.min_replicas}")
     check_replicas(spec, spec.replicas)
+    if spec.autoscale.mode != "off" and top is None:
+        raise Invalid(f"spec field 'max_replicas': autoscale mode {spec.autoscale.mode!r} "
+                      "needs a maximum (the most replicas the autoscaler may ask for)")
     if spec.max_surge == 0 and spec.max_unavailable == 0:
         raise Invalid("spec fields 'max_surge' and 'max_unavailable' are both 0: a rolling "
                       "update could neither add a replica nor remove one")
