@@ -12,6 +12,7 @@ import pytest
 from llm_ops_helper.controller.autoscale.autoscaler import Autoscaler, AutoscalerConfig
 from llm_ops_helper.controller.autoscale.store import DecisionStore
 from llm_ops_helper.controller.deployments.spec import AutoscaleSpec
+from llm_ops_helper.proto.messages import Alert
 
 from .conftest import Scene
 
@@ -70,6 +71,20 @@ async def test_no_more_than_the_fleet_can_place(scene: Scene) -> None:
     assert (record["rule"], record["desired"], record["budget"]) == ("budget", 3, 2)
     assert "only 2 more can be placed" in record["reason"]
     assert desired(scene) == 3
+
+
+async def test_gpus_with_an_open_critical_alert_are_not_in_the_budget(scene: Scene) -> None:
+    # As above, but host-b's GPU has an XID alert: only host-a can take one more.
+    scene.world.alerts["xid"] = Alert(id="1", key="xid", state="firing", severity="critical",
+                                      rule="gpu_xid", host="host-b", gpu=0, summary="XID 79",
+                                      ts=0.0)
+    scene.deploy(gpu_gib=60)
+    scene.load(50.0)
+    scene.tick()
+    scene.load(50.0, waiting=20)
+    record = scene.tick()
+    assert (record["rule"], record["desired"], record["budget"]) == ("budget", 2, 1)
+    assert desired(scene) == 2
 
 
 async def test_scales_down_only_after_the_stabilisation_window(scene: Scene) -> None:
