@@ -1,12 +1,14 @@
 """Commands from the controller: decode, verify, dispatch, answer — and never crash on them.
 
 Every command gets a result on the ``results`` topic when its ``id`` can be read, ``ok`` or
-``error`` with the reason. A command delivered twice (QoS 1 after a reconnect) is answered with
-the result it got the first time and is not applied again. Rejections are counted by reason.
+``error`` with the reason. A command delivered twice (QoS 1 after a reconnect: the same bytes)
+is answered with the result it got the first time and is not applied again; another command
+with an id already seen is refused as ``replayed``. Rejections are counted by reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
+from llm_ops_helper.keys import KeyFiles
 from llm_ops_helper.proto.codec import DecodeError, decode
 from llm_ops_helper.proto.messages import Command, CommandKind, CommandResult
 from llm_ops_helper.proto.signing import CommandRejected, CommandVerifier
@@ -50,6 +53,31 @@ class _IdOnly(msgspec.Struct):
     id: str
 
 
+class ReloadingVerifier(CommandVerifier):
+    """A verifier whose keys are read again from their files when those change.
+
+    Checked before each command (a few ``stat`` calls; commands are rare), so a key installed
+    or removed during a rotation counts from the next command on. The replay cache is kept.
+    A file that cannot be read then drops its key (logged), as a removed one does.
+    """
+
+    def __init__(self, files: KeyFiles, keys: dict[str, bytes], **kw: Any) -> None:
+        super().__init__(keys, **kw)
+        self.files = files
+
+    def verify(self, command: Command) -> None:
+        if self.files.changed():
+            keys, problems = self.files.load()
+            for key_id, problem_ in problems.items():
+                log.warning("command_key_unreadable", key_id=key_id, detail=problem_)
+            if keys != self.keys:
+                log.info("command_keys_reloaded", key_ids=sorted(keys),
+                         added=sorted(keys.keys() - self.keys.keys()),
+                         removed=sorted(self.keys.keys() - keys.keys()))
+                self.keys = keys
+        super().verify(command)
+
+
 class CommandHandler:
     def __init__(self, host: str, verifier: CommandVerifier, handlers: Mapping[str, Handler],
                  remember: int = 1000) -> None:
@@ -57,7 +85,8 @@ class CommandHandler:
         self.verifier = verifier
         self.handlers = dict(handlers)
         self.rejected: Counter[str] = Counter()
-        self._results: OrderedDict[str, CommandResult] = OrderedDict()
+        # id -> (digest of the payload, its result): a redelivery gets the same answer.
+        self._results: OrderedDict[str, tuple[bytes, CommandResult]] = OrderedDict()
         self._remember = remember
 
     def _error(self, command_id: str, reason: str, detail: str) -> CommandResult:
@@ -77,10 +106,11 @@ class CommandHandler:
                 return None
             return self._error(command_id, f"decode_{exc.reason}", exc.detail[:500])
 
+        digest = hashlib.sha256(payload).digest()
         earlier = self._results.get(command.id)
-        if earlier is not None:
+        if earlier is not None and earlier[0] == digest:
             log.info("command_duplicate", command_id=command.id, kind=command.kind)
-            return earlier
+            return earlier[1]
         try:
             self.verifier.verify(command)
         except CommandRejected as exc:
@@ -97,7 +127,7 @@ class CommandHandler:
                                  f"(known kinds: {known})")
         else:
             result = await self._apply(command, handler)
-        self._results[command.id] = result
+        self._results[command.id] = (digest, result)
         while len(self._results) > self._remember:
             self._results.popitem(last=False)
         return result

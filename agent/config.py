@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from llm_ops_helper import tomlfile
+from llm_ops_helper.brokertls import check_tls, with_tls_paths
 from llm_ops_helper.proto.topics import TopicError, validate_host
 from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError, NonNegative, Positive, Section
 
@@ -26,12 +27,23 @@ class BrokerConfig(Section, kw_only=True, frozen=True):
     host: str
     port: Port = 1883
     keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 30
+    # With systemd/mosquitto.acl the username must be this agent's host name: the ACL lets
+    # user %u publish only under llmops/v1/agents/%u/ and read only its own commands.
     username: str = ""
     password_file: str = ""
     # How long the broker keeps this agent's session (and queued commands) while it is away.
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 3600
     reconnect_min_s: Positive = 0.5
     reconnect_max_s: Positive = 10.0
+    # TLS to the broker (port 8883 in systemd/mosquitto-tls.conf). ca_file: the CA that signed
+    # the broker's certificate (empty: the system's CAs). cert_file/key_file: a client
+    # certificate, for a broker with require_certificate. tls_insecure skips the host name
+    # check only (the chain is still verified); never for production.
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    tls_insecure: bool = False
 
 
 class TelemetryConfig(Section, kw_only=True, frozen=True):
@@ -69,7 +81,11 @@ class CommandKey(Section, kw_only=True, frozen=True):
 
 
 class CommandsConfig(Section, kw_only=True, frozen=True):
+    # Keys that may sign commands: each [[commands.keys]] entry, and every {id}.key file in
+    # keys_dir (what `llmops keys` writes for this host). Files are read again when they change,
+    # so a key added or removed during a rotation needs no restart; an entry's id stays fixed.
     keys: list[CommandKey] = []
+    keys_dir: str = ""
     max_lifetime_s: Positive = 600.0
     clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
@@ -149,7 +165,7 @@ class AgentConfig(Section, kw_only=True, frozen=True):
 def parse(text: str, source: str) -> AgentConfig:
     config = msgspec.structs.replace(tomlfile.parse(text, source, AgentConfig), source=source)
     _check(config)
-    return config
+    return msgspec.structs.replace(config, broker=with_tls_paths(config.broker, config.resolve))
 
 
 def _check(config: AgentConfig) -> None:
@@ -161,6 +177,11 @@ def _check(config: AgentConfig) -> None:
     if config.broker.reconnect_max_s < config.broker.reconnect_min_s:
         raise ConfigError(f"{src}: key 'broker.reconnect_max_s': expected a value >= "
                           f"broker.reconnect_min_s ({config.broker.reconnect_min_s})")
+    if config.broker.username and config.broker.username != config.hostname:
+        raise ConfigError(f"{src}: key 'broker.username': expected the agent's host name "
+                          f"{config.hostname!r} (the broker ACL allows user %u to publish only "
+                          f"under llmops/v1/agents/%u/), got {config.broker.username!r}")
+    check_tls(config.broker, src, config.resolve)
     if config.telemetry.buffer_s < config.telemetry.interval_s:
         raise ConfigError(f"{src}: key 'telemetry.buffer_s': expected at least one interval "
                           f"({config.telemetry.interval_s} s)")

@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 
 from llm_ops_helper.agent.config import BrokerConfig
 from llm_ops_helper.agent.outbox import Outbox
+from llm_ops_helper.brokertls import handshake_hint, settings_context
 from llm_ops_helper.lifecycle import reconnect_forever
 from llm_ops_helper.proto.codec import encode
 from llm_ops_helper.proto.messages import Status
@@ -72,12 +73,15 @@ class Link:
             username=self.config.username or None,
             password=self.password,
             timeout=PUBLISH_TIMEOUT_S,
+            tls_context=settings_context(self.config),
         )
 
     async def run(self, stop: asyncio.Event) -> None:
         def on_error(error: str, delay: float) -> None:
-            log.warning("broker_unreachable", broker=f"{self.config.host}:{self.config.port}",
-                        error=error, retry_in_s=round(delay, 2), backlog=len(self.outbox))
+            hint = handshake_hint(error, self.config.ca_file) if self.config.tls else None
+            log.warning("broker_tls_failed" if hint else "broker_unreachable",
+                        broker=f"{self.config.host}:{self.config.port}", error=error,
+                        hint=hint, retry_in_s=round(delay, 2), backlog=len(self.outbox))
 
         await reconnect_forever(lambda: self._session(stop), stop,
                                 low=self.config.reconnect_min_s,

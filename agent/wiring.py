@@ -13,10 +13,11 @@ from llm_ops_helper.agent.collectors.nvml import NvmlCollector, NvmlUnavailable
 from llm_ops_helper.agent.collectors.runtime import RuntimeCollector, ScrapeTarget, mappings
 from llm_ops_helper.agent.collectors.scenario import ScenarioError, load_scenario
 from llm_ops_helper.agent.collectors.simulated import PROFILES, SimulatedGpuCollector
+from llm_ops_helper.agent.commands import ReloadingVerifier
 from llm_ops_helper.agent.config import AgentConfig, ConfigError
 from llm_ops_helper.agent.daemon import Agent
 from llm_ops_helper.agent.replicas.supervisor import Supervisor, SupervisorError
-from llm_ops_helper.proto.signing import CommandVerifier
+from llm_ops_helper.keys import KeyFiles, KeyStoreError
 from llm_ops_helper.systemd_notify import Notifier
 
 log = structlog.get_logger("llmops.agent")
@@ -46,14 +47,28 @@ def build_gpus(config: AgentConfig) -> GpuCollector | None:
         raise ConfigError(f"{config.source}: key 'gpus.scenario': {exc}") from None
 
 
-def build_verifier(config: AgentConfig) -> CommandVerifier:
-    keys = {key.id: config.read_secret(key.file, f"commands.keys[{i}].file")
-            for i, key in enumerate(config.commands.keys)}
-    if not keys:
-        log.warning("commands_disabled", reason="no commands.keys configured; every command "
-                    "will be refused with unknown_key")
-    return CommandVerifier(keys, max_lifetime_s=config.commands.max_lifetime_s,
-                           clock_skew_s=config.commands.clock_skew_s)
+def build_verifier(config: AgentConfig) -> ReloadingVerifier:
+    """The keys in commands.keys and commands.keys_dir, read now (a problem is fatal) and again
+    whenever their files change."""
+    commands = config.commands
+    directory = config.resolve(commands.keys_dir) if commands.keys_dir else None
+    if directory is not None and not directory.is_dir():
+        raise ConfigError(f"{config.source}: key 'commands.keys_dir': no such directory "
+                          f"{commands.keys_dir!r}")
+    for i, key in enumerate(commands.keys):
+        config.read_secret(key.file, f"commands.keys[{i}].file")  # unreadable: fail now
+    files = KeyFiles({key.id: config.resolve(key.file) for key in commands.keys}, directory)
+    try:
+        keys, _ = files.load(strict=True)
+    except KeyStoreError as exc:
+        raise ConfigError(f"{config.source}: key 'commands.keys_dir': {exc}") from None
+    if keys:
+        log.info("command_keys_loaded", key_ids=sorted(keys))
+    else:
+        log.warning("commands_disabled", reason="no commands.keys or commands.keys_dir key yet; "
+                    "commands are refused with unknown_key until one is installed")
+    return ReloadingVerifier(files, keys, max_lifetime_s=commands.max_lifetime_s,
+                             clock_skew_s=commands.clock_skew_s)
 
 
 def build_supervisor(config: AgentConfig, gpus: GpuCollector | None) -> Supervisor:

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 import msgspec
 
 from llm_ops_helper import tomlfile
+from llm_ops_helper.brokertls import check_tls, with_tls_paths
+from llm_ops_helper.keys import KeyStore, KeyStoreError
 from llm_ops_helper.proto.messages import CRITICAL_XIDS
 from llm_ops_helper.tomlfile import EX_CONFIG, ConfigError, NonNegative, Positive, Section
 
@@ -26,8 +28,15 @@ class BrokerConfig(Section, kw_only=True, frozen=True):
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
     client_id: str = "llmops-controller"
     keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 30
+    # systemd/mosquitto.acl grants the controller's rights to the user "llmops-controller".
     username: str = ""
     password_file: str = ""
+    # TLS to the broker: the same keys and meaning as the agent's [broker] section.
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    tls_insecure: bool = False
     # How long the broker keeps the controller's subscriptions and queues its messages while it
     # is away: a restart loses nothing, a long outage does not come back to an unbounded replay.
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 300
@@ -53,8 +62,10 @@ class RegistryConfig(Section, kw_only=True, frozen=True):
 
 class CommandsConfig(Section, kw_only=True, frozen=True):
     # Commands to agents are signed with HMAC-SHA256. key_file holds the secret shared with
-    # every agent (their commands.keys entry with the same id); a file {keys_dir}/{host}.key,
-    # when present, is that host's own secret instead.
+    # every agent (their commands.keys entry with the same id). In keys_dir, a host's own keys
+    # win: {keys_dir}/{host}/current names the id signed with, {keys_dir}/{host}/{id}.key holds
+    # it (`llmops keys` writes them; read on every command, so a rotation needs no restart);
+    # else a file {keys_dir}/{host}.key is that host's secret under key_id.
     key_id: str = "fleet"
     key_file: str = ""
     keys_dir: str = ""
@@ -169,15 +180,29 @@ class ControllerConfig(Section, kw_only=True, frozen=True):
         return self.resolve(self.registry.blob_dir) if self.registry.blob_dir \
             else self.state_dir / "blobs"
 
-    def command_secret(self, host: str) -> bytes | None:
-        """The secret that signs commands to ``host``: its own key file, else the fleet's."""
-        if self.commands.keys_dir:
-            own = self.resolve(self.commands.keys_dir) / f"{host}.key"
-            if own.is_file():
-                return tomlfile.read_secret(self.source, str(own), "commands.keys_dir")
+    def command_key(self, host: str) -> tuple[str, bytes] | None:
+        """(key id, secret) that signs commands to ``host``: its own, else the fleet's."""
+        if self.commands.keys_dir and host:
+            store = KeyStore(self.resolve(self.commands.keys_dir))
+            try:
+                own = store.signing_key(host)
+            except KeyStoreError as exc:
+                raise ConfigError(f"{self.source}: key 'commands.keys_dir': {exc}") from None
+            if own is not None:
+                return own
+            legacy = self.resolve(self.commands.keys_dir) / f"{host}.key"
+            if legacy.is_file():
+                return self.commands.key_id, tomlfile.read_secret(
+                    self.source, str(legacy), "commands.keys_dir")
         if not self.commands.key_file:
             return None
-        return tomlfile.read_secret(self.source, self.commands.key_file, "commands.key_file")
+        return self.commands.key_id, tomlfile.read_secret(self.source, self.commands.key_file,
+                                                          "commands.key_file")
+
+    def command_secret(self, host: str) -> bytes | None:
+        """The secret of :meth:`command_key`."""
+        key = self.command_key(host)
+        return None if key is None else key[1]
 
     def broker_password(self) -> str | None:
         if not self.broker.password_file:
@@ -190,7 +215,7 @@ def parse(text: str, source: str) -> ControllerConfig:
     config = msgspec.structs.replace(tomlfile.parse(text, source, ControllerConfig),
                                      source=source)
     _check(config)
-    return config
+    return msgspec.structs.replace(config, broker=with_tls_paths(config.broker, config.resolve))
 
 
 def _check(config: ControllerConfig) -> None:
@@ -198,6 +223,7 @@ def _check(config: ControllerConfig) -> None:
     if config.broker.reconnect_max_s < config.broker.reconnect_min_s:
         raise ConfigError(f"{src}: key 'broker.reconnect_max_s': expected a value >= "
                           f"broker.reconnect_min_s ({config.broker.reconnect_min_s})")
+    check_tls(config.broker, src, config.resolve)
     url = config.http.advertise_url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{src}: key 'http.advertise_url': expected an http(s) URL, "

@@ -24,6 +24,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from llm_ops_helper.brokertls import handshake_hint, settings_context
 from llm_ops_helper.controller.config import BrokerConfig
 from llm_ops_helper.controller.sinks import MqttSink
 from llm_ops_helper.lifecycle import reconnect_forever
@@ -70,6 +71,7 @@ class ControllerLink:
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
             keepalive=self.config.keepalive_s, properties=properties,
             username=self.config.username or None, password=self.password,
+            tls_context=settings_context(self.config),
         )
         # aiomqtt does not expose paho's manual acknowledgement; its paho client does.
         client._client.manual_ack_set(True)
@@ -83,8 +85,10 @@ class ControllerLink:
     async def run(self, stop: asyncio.Event) -> None:
         def on_error(error: str, delay: float) -> None:
             self.connected = False
-            log.warning("broker_unreachable", broker=f"{self.config.host}:{self.config.port}",
-                        error=error, retry_in_s=round(delay, 2))
+            hint = handshake_hint(error, self.config.ca_file) if self.config.tls else None
+            log.warning("broker_tls_failed" if hint else "broker_unreachable",
+                        broker=f"{self.config.host}:{self.config.port}", error=error,
+                        hint=hint, retry_in_s=round(delay, 2))
 
         await reconnect_forever(lambda: self._session(stop), stop,
                                 low=self.config.reconnect_min_s,

@@ -138,15 +138,16 @@ def build_state(config: ControllerConfig) -> ControllerState:
     commands_out: asyncio.Queue[tuple[str, bytes, float]] = asyncio.Queue(
         maxsize=COMMAND_QUEUE_MAX)
 
-    def secret_for(host: str) -> bytes:
+    def secret_for(host: str) -> tuple[str, bytes]:
+        # Read on every command: a rotation in commands.keys_dir counts from the next one.
         try:
-            secret = config.command_secret(host)
+            key = config.command_key(host)
         except ConfigError as exc:  # a key file removed or emptied since start-up
             raise LookupError(str(exc)) from None
-        if secret is None:
-            raise LookupError("no commands.key_file configured: agents refuse unsigned "
-                              "commands")
-        return secret
+        if key is None:
+            raise LookupError("no key in commands.keys_dir and no commands.key_file "
+                              "configured: agents refuse unsigned commands")
+        return key
 
     ttl_s = config.commands.ttl_s
 

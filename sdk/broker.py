@@ -13,6 +13,8 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -32,6 +34,62 @@ def mosquitto_binary() -> str:
     return found
 
 
+def password_file(path: Path, users: Mapping[str, str]) -> Path:
+    """A Mosquitto password file for ``users`` (name -> password), made by mosquitto_passwd."""
+    tool = shutil.which("mosquitto_passwd") or next(
+        (p for p in ("/usr/bin/mosquitto_passwd",) if os.access(p, os.X_OK)), None)
+    if tool is None:
+        raise BrokerUnavailable(f"mosquitto_passwd is not installed; {INSTALL_HINT}")
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    for user, password in users.items():
+        done = subprocess.run([tool, "-b", str(path), user, password], capture_output=True,
+                              text=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise BrokerUnavailable(f"mosquitto_passwd failed for {user!r}: {done.stderr.strip()}")
+    return path
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_pki(root: Path, client: str = "gpu-a") -> Pki:
+    """A throwaway CA (valid two days), a server certificate for 127.0.0.1 and localhost, and a
+    client certificate for ``client``, made with the openssl CLI. For tests and demos only."""
+    tool = shutil.which("openssl")
+    if tool is None:
+        raise BrokerUnavailable("openssl is not installed; install it with: "
+                                "sudo apt-get install -y openssl")
+
+    def openssl(*args: str) -> None:
+        done = subprocess.run([tool, *args], cwd=root, capture_output=True, text=True,
+                              timeout=60, check=False)
+        if done.returncode != 0:
+            raise BrokerUnavailable(f"openssl {args[0]} failed: {done.stderr.strip()}")
+
+    root.mkdir(parents=True, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=llmops test CA")
+    for name, cn, ext in (
+            ("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                    "extendedKeyUsage=serverAuth\n"),
+            ("client", client, "extendedKeyUsage=clientAuth\n")):
+        (root / f"{name}.ext").write_text("basicConstraints=CA:FALSE\n" + ext)
+        openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={cn}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    return Pki(root / "ca.crt", root / "server.crt", root / "server.key",
+               root / "client.crt", root / "client.key")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -39,22 +97,52 @@ def free_port() -> int:
         return port
 
 
-def config_text(port: int, data_dir: Path) -> str:
-    """The shipped systemd/mosquitto.conf, so tests run the broker settings users get, on a
-    loopback port with its own persistence directory and log."""
-    shipped = (resources.files("llm_ops_helper.systemd") / "mosquitto.conf").read_text()
-    for production, local in (("listener 1883", f"listener {port} 127.0.0.1"),
-                              ("persistence_location /var/lib/mosquitto/",
-                               f"persistence_location {data_dir}/")):
+def config_text(port: int, data_dir: Path, security: BrokerSecurity | None = None) -> str:
+    """The shipped systemd/mosquitto.conf (or mosquitto-tls.conf with ``security``), so tests
+    run the broker settings users get, on a loopback port with its own persistence directory,
+    credentials and log."""
+    name = "mosquitto-tls.conf" if security else "mosquitto.conf"
+    shipped = (resources.files("llm_ops_helper.systemd") / name).read_text()
+    replacements = [("persistence_location /var/lib/mosquitto/",
+                     f"persistence_location {data_dir}/")]
+    if security is None:
+        replacements.append(("listener 1883", f"listener {port} 127.0.0.1"))
+    else:
+        etc = "/etc/mosquitto/llmops"
+        replacements += [
+            ("listener 8883", f"listener {port} 127.0.0.1"),
+            (f"cafile {etc}/ca.crt", f"cafile {security.ca_file}"),
+            (f"certfile {etc}/server.crt", f"certfile {security.cert_file}"),
+            (f"keyfile {etc}/server.key", f"keyfile {security.key_file}"),
+            (f"password_file {etc}/passwd", f"password_file {security.password_file}"),
+            (f"acl_file {etc}/acl", f"acl_file {data_dir}/mosquitto.acl"),
+            ("require_certificate false",
+             f"require_certificate {str(security.require_certificate).lower()}"),
+        ]
+    for production, local in replacements:
         if production not in shipped:
-            raise BrokerUnavailable(f"systemd/mosquitto.conf no longer has {production!r}")
+            raise BrokerUnavailable(f"systemd/{name} no longer has {production!r}")
         shipped = shipped.replace(production, local)
     return shipped + f"\nlog_dest file {data_dir}/mosquitto.log\nuser {getpass.getuser()}\n"
 
 
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """TLS files and a password file (made with ``mosquitto_passwd``) for a LocalMosquitto that
+    runs the shipped mosquitto-tls.conf and mosquitto.acl."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    password_file: Path
+    require_certificate: bool = False
+
+
 class LocalMosquitto:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None,
+                 security: BrokerSecurity | None = None) -> None:
         self.binary = mosquitto_binary()
+        self.security = security
         self.data_dir = data_dir
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -71,7 +159,10 @@ class LocalMosquitto:
 
     async def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(config_text(self.port, self.data_dir))
+        self.config_path.write_text(config_text(self.port, self.data_dir, self.security))
+        if self.security:
+            acl = resources.files("llm_ops_helper.systemd") / "mosquitto.acl"
+            (self.data_dir / "mosquitto.acl").write_text(acl.read_text())
         self._process = subprocess.Popen(
             [self.binary, "-c", str(self.config_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

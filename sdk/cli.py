@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from llm_ops_helper import __version__, cli_deploy, cli_models, evaluate
+from llm_ops_helper import __version__, cli_deploy, cli_keys, cli_models, evaluate
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     cli_models.add_parser(sub, common)
     cli_deploy.add_parsers(sub, common)
+    cli_keys.add_parser(sub)
     return parser
 
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         return evaluate.run(args)
+    if args.command == "keys":
+        return cli_keys.run(args)
     if hasattr(args, "run"):
         return run_client_command(args)
     try:

@@ -43,7 +43,11 @@ class Outstanding:
 
 
 class CommandSender:
-    def __init__(self, key_id: str, secret_for: Callable[[str], bytes], publish: Publish,
+    """``secret_for(host)`` is the secret to sign with under ``key_id``, or a (key id, secret)
+    pair: a host's own key, rotated on disk while the controller runs."""
+
+    def __init__(self, key_id: str, secret_for: Callable[[str], bytes | tuple[str, bytes]],
+                 publish: Publish,
                  ttl_s: float = 120.0, clock: Callable[[], float] = time.time,
                  new_id: Callable[[], str] = lambda: uuid.uuid4().hex) -> None:
         self.key_id = key_id
@@ -60,12 +64,13 @@ class CommandSender:
              replica: str | None = None) -> str:
         """Sign and publish one command; its id. Raises :class:`CommandError`."""
         try:
-            secret = self.secret_for(host)
+            key = self.secret_for(host)
         except (KeyError, LookupError, OSError) as exc:
             raise CommandError(f"no command key for host {host}: {exc}") from None
+        key_id, secret = key if isinstance(key, tuple) else (self.key_id, key)
         now = self.clock()
         fields = msgspec.to_builtins(body) if isinstance(body, msgspec.Struct) else dict(body)
-        command = sign_command(kind.value, fields, key_id=self.key_id, secret=secret,
+        command = sign_command(kind.value, fields, key_id=key_id, secret=secret,
                                command_id=self.new_id(), ttl_s=self.ttl_s, now=now)
         try:
             self.publish(agent_topic(host, TopicKind.COMMANDS), codec.encode(command))

@@ -38,8 +38,9 @@ def _signed(kind: str = "sync", command_id: str = "c1", **kw: Any) -> bytes:
 async def test_valid_command_is_applied_once_and_a_redelivery_gets_the_same_result() -> None:
     applied: list[str] = []
     handler = _handler(applied)
-    first = await handler.handle(_signed())
-    again = await handler.handle(_signed())
+    payload = _signed()
+    first = await handler.handle(payload)
+    again = await handler.handle(payload)
     assert first is not None and first.status == "ok" and first.detail == {"replicas": []}
     assert again == first
     assert applied == ["c1"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llm_ops_helper.agent.config import ConfigError, load, parse
+from llm_ops_helper.broker import Pki, make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = '[broker]\nhost = "127.0.0.1"\n'
@@ -86,3 +87,56 @@ def test_unreadable_config_file_exits_78(tmp_path: Path) -> None:
                            str(tmp_path / "absent.toml")], capture_output=True, text=True, timeout=30)
     assert done.returncode == 78
     assert "absent.toml: cannot read config file: No such file or directory" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_tls_files_resolve_against_the_config_directory(tmp_path: Path, pki: Pki) -> None:
+    (tmp_path / "tls").mkdir()
+    for source in (pki.ca, pki.client_cert, pki.client_key):
+        (tmp_path / "tls" / source.name).write_bytes(source.read_bytes())
+    path = tmp_path / "agent.toml"
+    path.write_text('host = "gpu-a"\n[broker]\nhost = "mqtt.example"\nport = 8883\n'
+                    'tls = true\nca_file = "tls/ca.crt"\ncert_file = "tls/client.crt"\n'
+                    'key_file = "tls/client.key"\nusername = "gpu-a"\n')
+    broker = load(path).broker
+    assert (broker.tls, broker.tls_insecure, broker.username) == (True, False, "gpu-a")
+    assert (broker.ca_file, broker.cert_file, broker.key_file) == tuple(
+        str(tmp_path / "tls" / name) for name in ("ca.crt", "client.crt", "client.key"))
+
+
+def test_tls_is_off_and_verified_by_default() -> None:
+    broker = parse(GOOD, "agent.toml").broker
+    assert (broker.tls, broker.tls_insecure, broker.ca_file) == (False, False, "")
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ('tls = true\nca_file = "{missing}"',
+     "key 'broker.ca_file': cannot read '{missing}': No such file or directory"),
+    ('tls = true\nca_file = "{garbage}"', "key 'broker.ca_file': cannot load CA certificates"),
+    ('tls = true\nca_file = "{ca}"\ncert_file = "{cert}"',
+     "key 'broker.key_file': a client certificate needs both"),
+    ('tls = true\nca_file = "{ca}"\ncert_file = "{cert}"\nkey_file = "{wrong_key}"',
+     "key 'broker.cert_file': cannot load client certificate"),
+    ('ca_file = "{ca}"', "key 'broker.ca_file': set, but broker.tls is false"),
+    ("tls_insecure = true", "key 'broker.tls_insecure': set, but broker.tls is false"),
+])
+def test_bad_tls_settings_name_the_key(tmp_path: Path, pki: Pki, keys: str,
+                                       message: str) -> None:
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate\n")
+    paths = {"missing": str(tmp_path / "nope.crt"), "garbage": str(garbage),
+             "ca": str(pki.ca), "cert": str(pki.client_cert), "wrong_key": str(pki.server_key)}
+    with pytest.raises(ConfigError) as err:
+        parse(GOOD + keys.format(**paths) + "\n", "agent.toml")
+    assert str(err.value).startswith("agent.toml: " + message.format(**paths)), str(err.value)
+
+
+def test_broker_username_must_be_the_host_name_for_the_acl() -> None:
+    assert parse('host = "gpu-a"\n' + GOOD + 'username = "gpu-a"\n', "a.toml").broker.username
+    with pytest.raises(ConfigError, match=r"key 'broker.username': expected the agent's host "
+                                          r"name 'gpu-a' .*got 'gpu-b'"):
+        parse('host = "gpu-a"\n' + GOOD + 'username = "gpu-b"\n', "a.toml")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_ops_helper.broker import make_pki
 from llm_ops_helper.controller.config import ConfigError, load, parse
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "controller.example.toml"
@@ -62,3 +63,16 @@ def test_a_host_key_file_overrides_the_fleet_key(tmp_path: Path) -> None:
     assert config.command_secret("gpu-07") == b"own-secret"
     assert config.command_secret("gpu-01") == b"fleet-secret"
     assert parse('[broker]\nhost = "h"\n', "c.toml").command_secret("gpu-01") is None
+
+
+def test_tls_to_the_broker_with_a_ca_relative_to_the_config(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    path = tmp_path / "controller.toml"
+    path.write_text('[broker]\nhost = "mqtt.example"\nport = 8883\ntls = true\n'
+                    'ca_file = "pki/ca.crt"\nusername = "llmops-controller"\n')
+    broker = load(path).broker
+    assert (broker.tls, broker.ca_file, broker.tls_insecure) == (True, str(pki.ca), False)
+    with pytest.raises(ConfigError, match=r"c\.toml: key 'broker\.ca_file': cannot read 'x\.crt'"):
+        parse('[broker]\nhost = "h"\ntls = true\nca_file = "x.crt"\n', "c.toml")
+    with pytest.raises(ConfigError, match=r"c\.toml: key 'broker\.key_file': set, but broker\.tls"):
+        parse(f'[broker]\nhost = "h"\nkey_file = "{pki.client_key}"\n', "c.toml")
