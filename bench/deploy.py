@@ -236,7 +236,7 @@ def run_all(fleet: LocalFleet, work: Path, runtimes: list[str], repeats: int,
             log: Callable[[str], None]) -> dict[str, Any]:
     """Every measurement, in repetition-major order so that the machine's slow spells spread
     over all of them; samples[runtime][n][what] is a list (one per repetition)."""
-    helper = LLMOpsHelper(fleet.url, poll_interval=POLL_S)
+    helper = LLMOpsHelper(fleet.url, token=fleet.token, poll_interval=POLL_S)
     samples: dict[str, dict[str, dict[str, list[Any]]]] = {
         rt: {f"n{n}": {} for n in SIZES} | {"upload": {"push_s": []}} for rt in runtimes}
     for rt in runtimes:  # warm-up, not counted: the first start of a server reads from disk

@@ -1,5 +1,8 @@
 """The controller's read API (aiohttp) and its Prometheus ``/metrics``.
 
+Every route but ``/healthz`` needs a bearer token whose role is enough (:mod:`.auth`); every
+mutating call lands in the audit log, ``GET /api/v1/audit`` (admin).
+
 Errors are JSON ``{"error": ..., "status": ...}`` naming the parameter or path at fault; a
 handler never raises past the middleware. Everything here reads in-memory state or SQLite and
 returns: there is no work per request that grows with the fleet beyond listing it.
@@ -14,6 +17,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from llm_ops_helper.controller import auth
 from llm_ops_helper.controller.autoscale import api as autoscale_api
 from llm_ops_helper.controller.deployments import api as deployments_api
 from llm_ops_helper.controller.fleet import HostState
@@ -163,13 +167,23 @@ async def anomalies(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+async def audit(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    limit = _int_param(request, "limit", 100, 1, 10_000)
+    entries = state.tokens.audit_log(_float_param(request, "since"), limit)
+    return _respond({"entries": entries, "count": len(entries)})
+
+
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=exposition(request.app[REGISTRY]), content_type="text/plain",
                         charset="utf-8")
 
 
 def build_app(state: ControllerState) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+    settings = auth.AuthSettings(metrics_public=state.config.api.metrics_public,
+                                 trust_forwarded=state.config.api.trust_forwarded)
+    # Outermost first: auth sees (and audits) the response _errors made of an error.
+    app = web.Application(middlewares=[auth.middleware(state.tokens, settings), _errors])
     app[STATE] = state
     app[REGISTRY] = registry_for(state)
     app.router.add_get("/healthz", healthz)
@@ -177,6 +191,7 @@ def build_app(state: ControllerState) -> web.Application:
     app.router.add_get("/api/v1/hosts/{host}", host)
     app.router.add_get("/api/v1/alerts", alerts)
     app.router.add_get("/api/v1/anomalies", anomalies)
+    app.router.add_get("/api/v1/audit", audit)
     app.router.add_get("/metrics", metrics)
     registry_api.add_routes(app, state.registry, public_url=lambda: state.public_url)
     deployments_api.add_routes(app, state.deployments)

@@ -53,6 +53,19 @@ class HttpConfig(Section, kw_only=True, frozen=True):
     advertise_url: str = ""
 
 
+class ApiConfig(Section, kw_only=True, frozen=True):
+    # Every route but /healthz needs a bearer token (`llmops tokens create`). True: /metrics is
+    # served without one (else a Prometheus scrape config sends one: `authorization:
+    # {credentials_file: ...}`, a viewer token).
+    metrics_public: bool = False
+    # True (only behind a proxy that sets it): the audit log records the first address of
+    # X-Forwarded-For rather than the connection's peer.
+    trust_forwarded: bool = False
+    # A file holding a token registered at start-up as the admin "bootstrap" (a new token in
+    # the file replaces the old one): how an install creates its first admin by script.
+    bootstrap_token_file: str = ""
+
+
 class RegistryConfig(Section, kw_only=True, frozen=True):
     # Artifacts (content-addressed by sha256) live under state.dir/blobs unless set here.
     blob_dir: str = ""
@@ -157,6 +170,7 @@ class ControllerConfig(Section, kw_only=True, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     broker: BrokerConfig
     http: HttpConfig = HttpConfig()
+    api: ApiConfig = ApiConfig()
     state: StateConfig = StateConfig()
     fleet: FleetConfig = FleetConfig()
     detection: DetectionConfig = DetectionConfig()
@@ -203,6 +217,15 @@ class ControllerConfig(Section, kw_only=True, frozen=True):
         """The secret of :meth:`command_key`."""
         key = self.command_key(host)
         return None if key is None else key[1]
+
+    def bootstrap_token(self) -> str | None:
+        """The token in api.bootstrap_token_file; None when unset or the file is absent."""
+        if not self.api.bootstrap_token_file:
+            return None
+        if not self.resolve(self.api.bootstrap_token_file).exists():
+            return None
+        return tomlfile.read_secret(self.source, self.api.bootstrap_token_file,
+                                    "api.bootstrap_token_file").decode().strip()
 
     def broker_password(self) -> str | None:
         if not self.broker.password_file:

@@ -117,6 +117,7 @@ class Controller:
             self.state.registry.close()
             self.state.deployments.store.close()
             self.state.autoscaler.store.close()
+            self.state.tokens.close()
             log.info("controller_stopped")
 
     def _prune(self) -> None:
@@ -125,6 +126,7 @@ class Controller:
         removed = self.state.store.prune(before)
         self.state.deployments.store.prune_events(before)
         removed += self.state.autoscaler.store.prune(before)
+        removed += self.state.tokens.prune(before)
         if removed:
             log.info("store_pruned", rows=removed, retention_days=days)
 

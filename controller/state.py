@@ -14,6 +14,7 @@ import structlog
 from llm_ops_helper.controller.alerts import AlertManager
 from llm_ops_helper.controller.analytics.bank import BankFileError, DetectorBank
 from llm_ops_helper.controller.anomalies import Analytics, Detection, SeriesInfo
+from llm_ops_helper.controller.auth import TokenError, TokenStore
 from llm_ops_helper.controller.autoscale.autoscaler import Autoscaler, AutoscalerConfig
 from llm_ops_helper.controller.autoscale.store import DecisionStore, DecisionStoreError
 from llm_ops_helper.controller.config import ConfigError, ControllerConfig
@@ -49,6 +50,8 @@ class ControllerState:
     # Signed commands waiting for the broker link, (topic, payload, expires_at).
     commands_out: asyncio.Queue[tuple[str, bytes, float]]
     autoscaler: Autoscaler
+    # API tokens and the audit log (controller/auth.py).
+    tokens: TokenStore
     webhooks: list[WebhookSender] = field(default_factory=list)
     # Where agents reach the API (artifact downloads): the configured advertise_url, else the
     # address the HTTP server bound (the daemon sets it once bound).
@@ -185,8 +188,15 @@ def build_state(config: ControllerConfig) -> ControllerState:
     if restored := autoscaler.restore(config.state_dir / AUTOSCALE_FILE):
         log.info("autoscale_restored", path=str(config.state_dir / AUTOSCALE_FILE),
                  deployments=restored)
+    try:
+        tokens = TokenStore(config.state_dir / DB_FILE)
+        bootstrap = config.bootstrap_token()
+        if bootstrap and tokens.bootstrap(bootstrap):
+            log.info("bootstrap_token_registered", file=config.api.bootstrap_token_file)
+    except TokenError as exc:
+        raise ConfigError(f"{config.source}: key 'api.bootstrap_token_file': {exc}") from None
     state = ControllerState(config, store, fleet, alerts, ingest, analytics, mqtt_alerts,
-                            registry, deployments, commands_out, autoscaler, webhooks,
+                            registry, deployments, commands_out, autoscaler, tokens, webhooks,
                             public_url=config.http.advertise_url)
     registry.gc()
     return state

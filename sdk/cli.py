@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from llm_ops_helper import __version__, cli_deploy, cli_keys, cli_models, evaluate
+from llm_ops_helper import __version__, cli_deploy, cli_keys, cli_models, cli_tokens, evaluate
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_models.add_parser(sub, common)
     cli_deploy.add_parsers(sub, common)
     cli_keys.add_parser(sub)
+    cli_tokens.add_parser(sub)
     return parser
 
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate.run(args)
     if args.command == "keys":
         return cli_keys.run(args)
+    if args.command == "tokens":
+        return cli_tokens.run(args)
     if hasattr(args, "run"):
         return run_client_command(args)
     try:

@@ -169,6 +169,24 @@ class LocalFleet:
     def key_path(self) -> Path:
         return self.workdir / "keys" / f"{KEY_ID}.key"
 
+    @property
+    def token_path(self) -> Path:
+        """An admin API token, registered by the controller at start-up as "bootstrap"."""
+        return self.workdir / "admin.token"
+
+    @property
+    def token(self) -> str:
+        """The admin token: ``LLMOpsHelper(fleet.url, token=fleet.token)``."""
+        self._write_token()
+        return self.token_path.read_text().strip()
+
+    def _write_token(self) -> None:
+        if not self.token_path.exists():
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.token_path.touch(0o600)
+            # As controller.auth.new_token: prefixed, so never taken for a CLI option.
+            self.token_path.write_text("llmops_" + secrets.token_urlsafe(32) + "\n")
+
     def _write_key(self) -> None:
         self.key_path.parent.mkdir(parents=True, exist_ok=True)
         if not self.key_path.exists():
@@ -186,6 +204,7 @@ class LocalFleet:
             "http": {"host": "127.0.0.1", "port": self.http_port},
             "state": {"dir": str(self.workdir / "controller-state")},
             "commands": {"key_id": KEY_ID, "key_file": str(self.key_path)},
+            "api": {"bootstrap_token_file": str(self.token_path)},
         }, self.controller_overrides)
         return toml_document({"log_level": "info"}, tables)
 
@@ -215,6 +234,7 @@ class LocalFleet:
     async def start(self, timeout_s: float = 60.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._write_key()
+        self._write_token()
         self.broker = LocalMosquitto(self.workdir / "mosquitto")
         await self.broker.start()
         self.http_port = free_port()
@@ -247,7 +267,9 @@ class LocalFleet:
                            f"{sorted(wanted)}")
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+        request = urllib.request.Request(self.url + path,
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
             return json.load(response)
 
     async def stop(self) -> None:

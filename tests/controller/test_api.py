@@ -22,7 +22,9 @@ from tests.controller.fixtures import gpu, status, telemetry
 async def api(tmp_path: Path):
     state = build_state(parse(f'[broker]\nhost = "x"\n[state]\ndir = "{tmp_path}"\n'
                               '[detection]\nalert_after_samples = 100\n', "c.toml"))
-    client = TestClient(TestServer(build_app(state)))
+    token = state.tokens.create("test-admin", "admin", "test")
+    client = TestClient(TestServer(build_app(state)),
+                        headers={"Authorization": f"Bearer {token}"})
     await client.start_server()
     client.state = state  # type: ignore[attr-defined]
     yield client

@@ -95,7 +95,7 @@ def decisions(fleet: LocalFleet, name: str) -> list[dict[str, Any]]:
 
 async def test_scales_up_ahead_of_the_slo_and_down_after_the_window_advisory_changes_nothing(
         fleet: LocalFleet, tmp_path: Path) -> None:
-    helper = LLMOpsHelper(fleet.url, poll_interval=0.2)
+    helper = LLMOpsHelper(fleet.url, token=fleet.token, poll_interval=0.2)
     card = write_model_card(tmp_path / "chat.toml", startup_s=0.5, ttft_base_ms=20.0,
                             itl_ms=50.0, max_concurrency=2, max_tokens=4)
     settings = {"capacity_tokens_per_s": 40.0, "ttft_slo_s": TTFT_SLO_S, "itl_slo_s": 0.2,

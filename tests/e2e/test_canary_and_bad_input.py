@@ -35,7 +35,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[LocalFleet]:
 
 async def test_a_slower_version_is_rolled_back_once_monitoring_sees_it(
         fleet: LocalFleet, tmp_path: Path) -> None:
-    helper = LLMOpsHelper(fleet.url, poll_interval=0.2)
+    helper = LLMOpsHelper(fleet.url, token=fleet.token, poll_interval=0.2)
     fast = write_model_card(tmp_path / "chat-v1.toml", ttft_base_ms=5.0, itl_ms=1.0)
     deployment = await asyncio.to_thread(helper.deploy_model, str(fast), name="chat",
                                          replicas=2, timeout=60)
@@ -73,7 +73,7 @@ async def test_a_slower_version_is_rolled_back_once_monitoring_sees_it(
 
 async def test_bad_input_is_refused_naming_its_cause(fleet: LocalFleet, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    url = ["--url", fleet.url]
+    url = ["--url", fleet.url, "--token", fleet.token]
     card = write_model_card(tmp_path / "m.toml")
 
     # A missing model file: refused before anything is sent.
@@ -91,7 +91,7 @@ async def test_bad_input_is_refused_naming_its_cause(fleet: LocalFleet, tmp_path
     err = capsys.readouterr().err
     assert "40.0 GiB" in err and "largest" in err, err
     assert "huge@1, uploaded for this deployment, was retired" in err
-    helper = LLMOpsHelper(fleet.url)
+    helper = LLMOpsHelper(fleet.url, token=fleet.token)
     # Nothing half-done stays behind: no deployment, and the upload retired (its blob gone).
     assert [d.name for d in helper.status()] == []
     assert [v.stage for v in helper.get_model("huge").versions] == ["retired"]
@@ -107,7 +107,8 @@ async def test_bad_input_is_refused_naming_its_cause(fleet: LocalFleet, tmp_path
     request = urllib.request.Request(
         f"{fleet.url}/api/v1/models/m/versions?sha256={'0' * 64}&filename=m.toml",
         data=card.read_bytes(), method="POST",
-        headers={"Content-Type": "application/octet-stream"})
+        headers={"Content-Type": "application/octet-stream",
+                 "Authorization": f"Bearer {fleet.token}"})
     with pytest.raises(urllib.error.HTTPError) as caught:
         await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
     assert caught.value.code == 400

@@ -51,7 +51,7 @@ def replica_processes(fleet: LocalFleet) -> dict[int, str]:
 
 async def test_deploy_update_rollback_and_agent_restart(fleet: LocalFleet,
                                                         tmp_path: Path) -> None:
-    helper = LLMOpsHelper(fleet.url, poll_interval=0.2)
+    helper = LLMOpsHelper(fleet.url, token=fleet.token, poll_interval=0.2)
     v1 = write_tiny_llama(tmp_path / "tiny.gguf", variant="1")
 
     # 1. deploy_model returns once both replicas answer.
@@ -89,7 +89,7 @@ async def test_deploy_update_rollback_and_agent_restart(fleet: LocalFleet,
     assert {e.version for e in helper.endpoints("tiny")} == {"tiny@2"}
 
     # 4. `llmops rollback` returns to the version before.
-    code = await asyncio.to_thread(cli.main, ["--url", fleet.url, "rollback", "tiny",
+    code = await asyncio.to_thread(cli.main, ["--url", fleet.url, "--token", fleet.token, "rollback", "tiny",
                                               "--timeout", "120"])
     assert code == 0
     deployment = await settled(helper, "tiny", 2)

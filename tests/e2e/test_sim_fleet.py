@@ -28,7 +28,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[LocalFleet]:
 
 async def test_sim_runtime_serves_20_replicas_across_4_agents(fleet: LocalFleet,
                                                               tmp_path: Path) -> None:
-    helper = LLMOpsHelper(fleet.url, poll_interval=0.2)
+    helper = LLMOpsHelper(fleet.url, token=fleet.token, poll_interval=0.2)
     card = write_model_card(tmp_path / "sim-7b.toml", startup_s=0.5, itl_ms=2.0)
 
     deployment = await asyncio.to_thread(helper.deploy_model, str(card), name="sim-7b",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -77,12 +78,21 @@ class WebhookReceiver:
         return f"http://127.0.0.1:{self.port}/hook"
 
 
+def admin_token(tmp_path: Path) -> dict[str, str]:
+    """The controller's [api] section registering a fresh admin token (written to a file)."""
+    path = tmp_path / "admin.token"
+    path.write_text(secrets.token_urlsafe(32))
+    return {"bootstrap_token_file": str(path)}
+
+
 class Api:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, token_file: str) -> None:
         self.base = f"http://127.0.0.1:{port}"
+        self.headers = {"Authorization": f"Bearer {Path(token_file).read_text().strip()}"}
 
     async def get(self, path: str) -> Any:
-        async with aiohttp.ClientSession() as session, session.get(self.base + path) as r:
+        async with aiohttp.ClientSession(headers=self.headers) as session, \
+                session.get(self.base + path) as r:
             return await r.json() if r.content_type == "application/json" else await r.text()
 
     async def wait_for(self, path: str, predicate: Any, timeout_s: float, what: str) -> Any:
@@ -148,11 +158,11 @@ async def test_fleet_alerts_offline_and_restart(mosquitto, tmp_path: Path, proce
             rules={"xid_hold_s": 3.0, "gpu_temperature_max_c": 85.0},
             state={"dir": str(tmp_path / "state"), "checkpoint_interval_s": 1.0},
             alerts={"webhooks": [{"url": hook.url, "retry_min_s": 0.2}]},
-            fleet={"stale_after_intervals": 3.0})
+            fleet={"stale_after_intervals": 3.0}, api=admin_token(tmp_path))
         controller = ControllerProcess(tmp_path / "controller", config)
         processes.append(controller)
         controller.start()
-        api = Api(http_port)
+        api = Api(http_port, str(tmp_path / "admin.token"))
         await api.wait_for("/healthz", lambda b: isinstance(b, dict) and b["status"] == "ok",
                            10, "the controller's /healthz")
 
@@ -266,12 +276,13 @@ async def test_bad_config_exits_78_naming_the_key(tmp_path: Path) -> None:
 async def test_api_errors_are_json(mosquitto, tmp_path: Path, processes) -> None:
     http_port = free_port()
     controller = ControllerProcess(tmp_path, controller_config(
-        mosquitto, state_dir=tmp_path / "state", http_port=http_port))
+        mosquitto, state_dir=tmp_path / "state", http_port=http_port,
+        api=admin_token(tmp_path)))
     processes.append(controller)
     controller.start()
-    api = Api(http_port)
+    api = Api(http_port, str(tmp_path / "admin.token"))
     await api.wait_for("/healthz", lambda b: isinstance(b, dict), 10, "/healthz")
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=api.headers) as session:
         for path, status, words in [
             ("/api/v1/hosts/nope", 404, "no such host: 'nope'"),
             ("/api/v1/nothing", 404, "no such path: /api/v1/nothing"),
