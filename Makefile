@@ -25,6 +25,8 @@ bench: bootstrap
 	.venv/bin/python bench/ingest.py
 	.venv/bin/python bench/deploy.py
 	.venv/bin/python bench/autoscale.py
+	.venv/bin/python bench/injection.py
+	.venv/bin/python bench/gateway.py
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,158 @@
+"""The gateway's config file, read once into frozen structs.
+
+    [http]
+    host = "127.0.0.1"
+    port = 8080
+
+    [controller]
+    url = "http://127.0.0.1:8100"
+    token_file = "controller.token"   # bearer token for the controller API (a file, not inline)
+    refresh_s = 2.0
+
+    [limits]
+    max_body_bytes = 1048576
+    hold_s = 30.0          # how long a request waits for a ready replica (scale from zero)
+
+    [state]
+    dir = "/var/lib/llmops/gateway"   # usage.sqlite lives here
+
+    [[keys]]
+    name = "team-a"
+    sha256 = "..."          # of the API key; the key itself is never stored
+    models = ["*"]
+    rpm = 600
+    tpm = 100000
+    max_prompt_tokens = 4096
+    max_completion_tokens = 1024
+    guards = "default"      # a profile of [guards.NAME], or an inline table
+
+A bad file raises :class:`ConfigError` naming the file and the key (exit 78).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from llm_ops_helper.controller.gateway.guards import GuardConfig, parse_guard_config
+from llm_ops_helper.tomlfile import (
+    EX_CONFIG,
+    ConfigError,
+    NonNegative,
+    Positive,
+    Section,
+    parse,
+    read_secret,
+    read_text,
+    resolve,
+)
+
+__all__ = ["EX_CONFIG", "ConfigError", "GatewayConfig", "KeyConfig", "load", "parse_config"]
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+_NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,100}$")
+
+
+class Http(Section, kw_only=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class Controller(Section, kw_only=True, frozen=True):
+    url: str
+    token_file: str | None = None
+    refresh_s: Positive = 2.0
+
+
+class Limits(Section, kw_only=True, frozen=True):
+    max_body_bytes: PositiveInt = 1_048_576
+    hold_s: NonNegative = 30.0
+    connect_timeout_s: Positive = 2.0
+    # Between two chunks of a backend's answer; past this the stream ends with an error event.
+    read_timeout_s: Positive = 120.0
+    suspect_s: Positive = 5.0
+
+
+class State(Section, kw_only=True, frozen=True):
+    dir: str
+    flush_s: Positive = 1.0
+
+
+class KeyConfig(Section, kw_only=True, frozen=True):
+    name: str
+    sha256: Sha256
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_prompt_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    guards: str | dict[str, Any] | None = None
+
+    def allows(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+class GatewayConfig(Section, kw_only=True, frozen=True):
+    controller: Controller
+    state: State
+    http: Http = Http()
+    limits: Limits = Limits()
+    keys: list[KeyConfig] = msgspec.field(default_factory=list)
+    guards: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    log_level: str = "info"
+    # Filled by load(): the controller token read from its file; the config's directory.
+    controller_token: str | None = None
+    source: str = ""
+
+    def state_dir(self) -> Path:
+        return resolve(self.source, self.state.dir)
+
+    def guard_config(self, key: KeyConfig) -> GuardConfig | None:
+        """The guards a key names (a profile or an inline table); None: no guards."""
+        if key.guards is None:
+            return None
+        if isinstance(key.guards, str):
+            return parse_guard_config(self.guards[key.guards], f"guards.{key.guards}")
+        return parse_guard_config(key.guards, f"keys.{key.name}.guards")
+
+
+def parse_config(text: str, source: str) -> GatewayConfig:
+    config = parse(text, source, GatewayConfig)
+    if config.controller_token is not None or config.source:  # filled below, not by the file
+        raise ConfigError(f"{source}: key 'controller_token'/'source': unknown key (remove it)")
+    seen: set[str] = set()
+    for i, key in enumerate(config.keys):
+        where = f"{source}: key 'keys[{i}]' ({key.name!r})"
+        if not _NAME.match(key.name):
+            raise ConfigError(f"{where}: name: expected 1-100 of A-Z a-z 0-9 _ . @ : -")
+        if key.name in seen:
+            raise ConfigError(f"{where}: name: duplicate key name")
+        if key.sha256 in {k.sha256 for k in config.keys[:i]}:
+            raise ConfigError(f"{where}: sha256: the same API key is listed twice")
+        seen.add(key.name)
+        if isinstance(key.guards, str) and key.guards not in config.guards:
+            raise ConfigError(f"{where}: guards: no profile [guards.{key.guards}] "
+                              f"(profiles: {', '.join(config.guards) or 'none'})")
+        if not key.models:
+            raise ConfigError(f"{where}: models: expected at least one model or \"*\"")
+    try:
+        for name, raw in config.guards.items():
+            parse_guard_config(raw, f"guards.{name}")
+        for key in config.keys:
+            config.guard_config(key)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: key {exc}") from None
+    token = None
+    if config.controller.token_file is not None:
+        token = read_secret(source, config.controller.token_file,
+                            "controller.token_file").decode()
+    return msgspec.structs.replace(config, controller_token=token, source=source)
+
+
+def load(path: str | Path) -> GatewayConfig:
+    return parse_config(read_text(path), str(path))
