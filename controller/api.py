@@ -181,7 +181,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(state: ControllerState) -> web.Application:
     settings = auth.AuthSettings(metrics_public=state.config.api.metrics_public,
-                                 trust_forwarded=state.config.api.trust_forwarded)
+                                 trust_forwarded=state.config.api.trust_forwarded,
+                                 signer=state.url_signer)
     # Outermost first: auth sees (and audits) the response _errors made of an error.
     app = web.Application(middlewares=[auth.middleware(state.tokens, settings), _errors])
     app[STATE] = state

@@ -12,14 +12,15 @@ lets a request find its token by an index lookup. ``llmops tokens`` (a tool on t
 writes the same tables; a revocation counts from the next request, since every request reads
 them.
 
-Open without a token: ``/healthz``, and artifact downloads (``GET /api/v1/artifacts/{sha256}``),
-which agents make without a token; a caller must already know the sha256, which only signed
-commands and authenticated reads reveal.
+Open without a token: ``/healthz``. Artifact downloads (``GET /api/v1/artifacts/{sha256}``) take
+a token or the signature of a URL the controller minted for one host (:class:`UrlSigner`): the
+agents fetch what their signed deploy commands name, with no API token of their own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import sqlite3
 import time
@@ -27,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlencode
 
 import msgspec
 import structlog
@@ -58,8 +60,10 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/api/v1/deployments/{name}/rollback"): "operator",
     ("GET", "/api/v1/audit"): "admin",
 }
-OPEN_ROUTES = frozenset({("GET", "/healthz"), ("GET", "/api/v1/artifacts/{sha256}"),
-                         ("HEAD", "/api/v1/artifacts/{sha256}")})
+OPEN_ROUTES = frozenset({("GET", "/healthz")})
+# Routes a URL signature (UrlSigner) opens as well as a viewer token.
+SIGNED_ROUTES = frozenset({("GET", "/api/v1/artifacts/{sha256}"),
+                           ("HEAD", "/api/v1/artifacts/{sha256}")})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_tokens (
@@ -243,6 +247,28 @@ class TokenStore:
 class AuthSettings:
     metrics_public: bool = False
     trust_forwarded: bool = False
+    signer: UrlSigner | None = None
+
+
+class UrlSigner:
+    """Artifact URLs for one host, signed with the controller's own secret (S3's presigned URLs,
+    without an expiry: a replica restarted days later may fetch its artifact again). The URL
+    travels only inside a signed command, to that host, over the broker's ACL; a leaked one
+    opens that one artifact."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _sig(self, sha256: str, host: str) -> str:
+        message = f"artifact|{sha256}|{host}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def query(self, sha256: str, host: str) -> str:
+        return urlencode({"host": host, "sig": self._sig(sha256, host)})
+
+    def verify(self, sha256: str, host: str, sig: str) -> bool:
+        return hmac.compare_digest(self._sig(sha256, host).encode(),
+                                   sig.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True)
@@ -313,6 +339,11 @@ def middleware(tokens: TokenStore, settings: AuthSettings) -> Middleware:
         pattern = route.canonical if route is not None else request.path
         needed = required_role(request.method, pattern)
         if needed == "viewer" and pattern == "/metrics" and settings.metrics_public:
+            needed = None
+        if (request.method, pattern) in SIGNED_ROUTES and settings.signer is not None \
+                and settings.signer.verify(request.match_info.get("sha256", ""),
+                                           request.query.get("host", ""),
+                                           request.query.get("sig", "")):
             needed = None
         caller: Caller | None = None
         if needed is None:

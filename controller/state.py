@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ import structlog
 from llm_ops_helper.controller.alerts import AlertManager
 from llm_ops_helper.controller.analytics.bank import BankFileError, DetectorBank
 from llm_ops_helper.controller.anomalies import Analytics, Detection, SeriesInfo
-from llm_ops_helper.controller.auth import TokenError, TokenStore
+from llm_ops_helper.controller.auth import TokenError, TokenStore, UrlSigner
 from llm_ops_helper.controller.autoscale.autoscaler import Autoscaler, AutoscalerConfig
 from llm_ops_helper.controller.autoscale.store import DecisionStore, DecisionStoreError
 from llm_ops_helper.controller.config import ConfigError, ControllerConfig
@@ -31,6 +33,7 @@ log = structlog.get_logger("llmops.controller")
 
 DB_FILE = "controller.db"
 DETECTORS_FILE = "detectors.npz"
+URL_KEY_FILE = "artifact-url.key"
 AUTOSCALE_FILE = "autoscale.pickle"
 # Signed commands waiting for the broker link at most; beyond, a send fails (and is retried).
 COMMAND_QUEUE_MAX = 10_000
@@ -56,6 +59,8 @@ class ControllerState:
     # Where agents reach the API (artifact downloads): the configured advertise_url, else the
     # address the HTTP server bound (the daemon sets it once bound).
     public_url: str = ""
+    # Signs the artifact URLs in deploy commands (agents download without an API token).
+    url_signer: UrlSigner | None = None
     # Set by the daemon to its broker link's state; /healthz reports it.
     link_connected: Callable[[], bool] = field(default_factory=lambda: _never)
     # The broker link's counters: connects, internal_errors, alert_publish_failures.
@@ -88,6 +93,23 @@ class ControllerState:
             write = self.analytics.bank.snapshot()
             await asyncio.to_thread(write, self.detectors_path)
         await asyncio.to_thread(self.autoscaler.snapshot(), self.autoscale_path)
+
+
+def _url_secret(path: Path) -> bytes:
+    """The controller's own secret for artifact URLs, made on first start (0600)."""
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read or create the artifact URL key: "
+                          f"{exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{path}: the artifact URL key is empty (delete it to make a new one)")
+    return secret
 
 
 def _never() -> bool:
@@ -166,11 +188,13 @@ def build_state(config: ControllerConfig) -> ControllerState:
                                "link") from None
 
     sender = CommandSender(config.commands.key_id, secret_for, publish, ttl_s=ttl_s)
+    signer = UrlSigner(_url_secret(config.state_dir / URL_KEY_FILE))
     d = config.deployments
     deployments = Deployments(
         DeploymentStore(config.state_dir / DB_FILE), fleet,
         lambda: alerts.firing.values(), registry, sender,
-        lambda sha: f"{state.public_url.rstrip('/')}/api/v1/artifacts/{sha}",
+        lambda sha, host: (f"{state.public_url.rstrip('/')}/api/v1/artifacts/{sha}?"
+                           + signer.query(sha, host)),
         EngineConfig(reconcile_interval_s=d.reconcile_interval_s,
                      command_retry_s=d.command_retry_s, host_lost_grace_s=d.host_lost_grace_s))
     registry.in_use = deployments.refs_in_use
@@ -197,6 +221,6 @@ def build_state(config: ControllerConfig) -> ControllerState:
         raise ConfigError(f"{config.source}: key 'api.bootstrap_token_file': {exc}") from None
     state = ControllerState(config, store, fleet, alerts, ingest, analytics, mqtt_alerts,
                             registry, deployments, commands_out, autoscaler, tokens, webhooks,
-                            public_url=config.http.advertise_url)
+                            public_url=config.http.advertise_url, url_signer=signer)
     registry.gc()
     return state

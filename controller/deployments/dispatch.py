@@ -8,6 +8,7 @@ calls for, and stops what agents run for a deployment with no record here (orpha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -41,7 +42,7 @@ log = structlog.get_logger("llmops.controller.deployments")
 class Dispatcher:
     def __init__(self, ledger: Ledger, observer: Observer, fleet: Fleet,
                  sender: CommandSender, failures: Failures, timing: Timing,
-                 firing: Callable[[], Iterable[Alert]], artifact_url: Callable[[str], str],
+                 firing: Callable[[], Iterable[Alert]], artifact_url: Callable[[str, str], str],
                  suffix: Callable[[], str], again: Callable[[str], None]) -> None:
         self.ledger = ledger
         self.observer = observer
@@ -56,6 +57,10 @@ class Dispatcher:
         self.again = again
         # (host, replica) -> when an orphan was last told to stop.
         self._orphans: dict[tuple[str, str], float] = {}
+
+    def _artifact_url(self, sha256: str, host: str) -> str:
+        """The URL that host downloads an artifact from (signed for that host)."""
+        return self.artifact_url(sha256, host)
 
     def carry_out(self, d: Deployment, p: Plan, now: float) -> None:
         """The plan's steps for the replicas a deployment has: records forgotten, failures
@@ -103,7 +108,8 @@ class Dispatcher:
             self.again(d.name)
         for placed in placement.placed:
             name = self.ledger.new_name(d, self.suffix)
-            spec = replica_spec(rev, name, list(placed.gpus), need, self.artifact_url)
+            spec = replica_spec(rev, name, list(placed.gpus), need,
+                                functools.partial(self._artifact_url, host=placed.host))
             record = ReplicaRecord(name=name, deployment=d.name, revision=d.revision,
                                    version=rev.version, host=placed.host,
                                    gpus=list(placed.gpus), spec=spec, created_at=now,

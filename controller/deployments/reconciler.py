@@ -68,7 +68,7 @@ class EngineConfig:
 class Deployments:
     def __init__(self, store: DeploymentStore, fleet: Fleet,
                  firing: Callable[[], Iterable[Alert]], registry: ModelResolver,
-                 sender: CommandSender, artifact_url: Callable[[str], str],
+                 sender: CommandSender, artifact_url: Callable[[str, str], str],
                  config: EngineConfig = EngineConfig(),
                  clock: Callable[[], float] = time.time,
                  suffix: Callable[[], str] = lambda: secrets.token_hex(3)) -> None:

@@ -215,3 +215,22 @@ async def test_the_sdk_sends_the_token_from_llmops_token_file(
     token_file.write_text(api.tokens["viewer"] + "\n")
     monkeypatch.setenv("LLMOPS_TOKEN_FILE", str(token_file))
     assert await asyncio.to_thread(LLMOpsHelper(api.url).list_models) == []
+
+
+async def test_artifacts_open_to_a_token_or_to_a_url_signed_for_a_host(api: Api) -> None:
+    # Agents download without an API token: the URL in their signed deploy command carries a
+    # signature for their host, minted by the controller; nothing else opens the route.
+    status, version = await api.call("POST", UPLOAD, "operator", data=b"[sim]\n")
+    assert status == 201
+    sha = version["artifact"]["sha256"]
+    path = f"/api/v1/artifacts/{sha}"
+    assert api.state.url_signer is not None
+    signed = f"{path}?{api.state.url_signer.query(sha, 'gpu-01')}"
+    assert (await api.call("GET", signed))[0] == 200
+    assert (await api.call("GET", path, "viewer"))[0] == 200
+    assert (await api.call("GET", path))[0] == 401
+    assert (await api.call("GET", signed.replace("gpu-01", "gpu-02")))[0] == 401
+    assert (await api.call("GET", f"{path}?host=gpu-01&sig={'0' * 64}"))[0] == 401
+    other = "f" * 64
+    assert (await api.call("GET", f"/api/v1/artifacts/{other}?"
+                                  f"{api.state.url_signer.query(sha, 'gpu-01')}"))[0] == 401

@@ -46,7 +46,8 @@ async def test_apply_places_signed_deploys_then_becomes_available(world: World) 
     assert body.name.startswith("chat-r1-") and len(body.name) == len("chat-r1-") + 6
     assert body.served_model_name == "chat" and body.gpus == [0]
     assert body.artifact is not None
-    assert body.artifact.url == f"http://head:8470/api/v1/artifacts/{body.artifact.sha256}"
+    assert body.artifact.url == (f"http://head:8470/api/v1/artifacts/{body.artifact.sha256}"
+                                 "?host=host-a")  # signed for the host it is sent to
     assert body.gpu_memory_bytes == int(body.artifact.size_bytes * 1.2) + 256 * (1 << 20)
     world.deliver(sent)
     assert world.engine.get("chat")["phase"] == "progressing"

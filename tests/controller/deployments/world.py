@@ -112,7 +112,7 @@ class World:
                                clock=self.clock)
         store = DeploymentStore(self.tmp / "controller.db")
         engine = Deployments(store, self.fleet, lambda: self.alerts.values(), self.registry,
-                             sender, lambda sha: f"http://head:8470/api/v1/artifacts/{sha}",
+                             sender, lambda sha, host: f"http://head:8470/api/v1/artifacts/{sha}?host={host}",
                              self.config, clock=self.clock)
         engine.link_up = lambda: self.link
         return engine
