@@ -9,8 +9,9 @@ import structlog
 
 from llm_ops_helper.agent.collectors.base import Collector, GpuCollector
 from llm_ops_helper.agent.collectors.host import HostCollector
+from llm_ops_helper.agent.collectors.metric_map import mappings
 from llm_ops_helper.agent.collectors.nvml import NvmlCollector, NvmlUnavailable
-from llm_ops_helper.agent.collectors.runtime import RuntimeCollector, ScrapeTarget, mappings
+from llm_ops_helper.agent.collectors.runtime import RuntimeCollector, ScrapeTarget
 from llm_ops_helper.agent.collectors.scenario import ScenarioError, load_scenario
 from llm_ops_helper.agent.collectors.simulated import PROFILES, SimulatedGpuCollector
 from llm_ops_helper.agent.commands import ReloadingVerifier

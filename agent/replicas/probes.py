@@ -7,7 +7,8 @@ import errno
 
 import aiohttp
 
-from llm_ops_helper.agent.collectors.runtime import MetricsParseError, MetricsParser, mappings
+from llm_ops_helper.agent.collectors.metric_map import mappings
+from llm_ops_helper.agent.collectors.runtime import MetricsParseError, MetricsParser
 
 PROBE_TIMEOUT_S = 2.0
 

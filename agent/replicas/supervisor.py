@@ -20,7 +20,8 @@ import aiohttp
 import msgspec
 import structlog
 
-from llm_ops_helper.agent.collectors.runtime import ScrapeTarget, mappings
+from llm_ops_helper.agent.collectors.metric_map import mappings
+from llm_ops_helper.agent.collectors.runtime import ScrapeTarget
 from llm_ops_helper.agent.config import SupervisorConfig
 from llm_ops_helper.agent.replicas import statefile
 from llm_ops_helper.agent.replicas.artifacts import SHA256, ArtifactCache

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from llm_ops_helper.agent.collectors.runtime import mappings
+from llm_ops_helper.agent.collectors.metric_map import mappings
 from llm_ops_helper.agent.runtimes.base import LaunchPlan, RuntimeError_
 from llm_ops_helper.proto.messages import ReplicaSpec
 

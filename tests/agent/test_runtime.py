@@ -18,15 +18,18 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from llm_ops_helper.agent.collectors import metric_map
 from llm_ops_helper.agent.collectors import runtime as runtime_module
-from llm_ops_helper.agent.collectors.runtime import (
+from llm_ops_helper.agent.collectors.metric_map import (
     MetricsMappingError,
+    mappings,
+    parse_mappings,
+)
+from llm_ops_helper.agent.collectors.runtime import (
     MetricsParseError,
     MetricsParser,
     RuntimeCollector,
     ScrapeTarget,
-    mappings,
-    parse_mappings,
     parse_metrics,
 )
 from llm_ops_helper.proto import codec
@@ -122,7 +125,7 @@ def test_the_label_matcher_keeps_only_the_series_it_names(
         "by_missing_label": {"from": ["http_requests_total"], "agg": "sum",
                              "labels": {"code": "500"}},
     }}})
-    monkeypatch.setattr(runtime_module, "mappings", lambda: custom)
+    monkeypatch.setattr(metric_map, "mappings", lambda: custom)
     metrics, _ = parse_metrics(page("vllm-errors"), "vllm")
     assert metrics == {
         "failed": 5 + 2,
