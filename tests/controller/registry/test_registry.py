@@ -215,7 +215,7 @@ async def test_retire_collects_blobs_only_when_unreferenced(tmp_path: Path) -> N
         registry.artifact_path(one.artifact.sha256)
     in_use.add("tiny@2")  # a deployment's artifact survives a sweep
     orphan = registry.blobs.path("c" * 64)
-    orphan.parent.mkdir()
+    orphan.parent.mkdir(exist_ok=True)  # a random blob may already share the "cc" prefix
     orphan.write_bytes(b"left by a crash")
     assert registry.gc() == ["c" * 64]
     assert registry.artifact_path(three.artifact.sha256).exists()
