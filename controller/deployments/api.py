@@ -12,12 +12,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from llm_ops_helper.controller.auth import caller_name
 from llm_ops_helper.controller.deployments.errors import DeploymentError, Invalid
 from llm_ops_helper.controller.deployments.reconciler import Deployments
 from llm_ops_helper.controller.deployments.spec import parse_spec
 
 ENGINE: web.AppKey[Deployments] = web.AppKey("deployments", Deployments)
-USER_HEADER = "X-LLMOps-User"
 _json = msgspec.json.Encoder()
 _Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -44,11 +44,6 @@ def _errors(handler: _Handler) -> _Handler:
     return wrapped
 
 
-def _user(request: web.Request) -> str:
-    """Who asked, as the registry keeps it: at most 200 characters, printable ones only."""
-    raw = request.headers.get(USER_HEADER, "").strip()[:200]
-    return "".join(c for c in raw if c.isprintable()) or "anonymous"
-
 
 async def _body(request: web.Request, type_: type[Any], what: str) -> Any:
     raw = await request.read()
@@ -60,7 +55,8 @@ async def _body(request: web.Request, type_: type[Any], what: str) -> Any:
 
 async def put_deployment(request: web.Request) -> web.Response:
     spec = parse_spec(await request.read())
-    view, created = request.app[ENGINE].apply(request.match_info["name"], spec, _user(request))
+    view, created = request.app[ENGINE].apply(request.match_info["name"], spec,
+                                              caller_name(request))
     return _respond(view, 201 if created else 200)
 
 
@@ -75,18 +71,18 @@ async def get_deployment(request: web.Request) -> web.Response:
 async def scale(request: web.Request) -> web.Response:
     body: _Scale = await _body(request, _Scale, 'scale body (expected {"replicas": N})')
     return _respond(request.app[ENGINE].scale(request.match_info["name"], body.replicas,
-                                              _user(request)))
+                                              caller_name(request)))
 
 
 async def rollback(request: web.Request) -> web.Response:
     body: _Rollback = await _body(request, _Rollback,
                                   'rollback body (expected {} or {"version": "name@N"})')
     return _respond(request.app[ENGINE].rollback(request.match_info["name"], body.version,
-                                                 _user(request)))
+                                                 caller_name(request)))
 
 
 async def delete_deployment(request: web.Request) -> web.Response:
-    return _respond(request.app[ENGINE].delete(request.match_info["name"], _user(request)),
+    return _respond(request.app[ENGINE].delete(request.match_info["name"], caller_name(request)),
                     202)
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import hdrs, web
 
+from llm_ops_helper.controller.auth import caller_name
 from llm_ops_helper.controller.registry.errors import Invalid, RegistryError, TooLarge
 from llm_ops_helper.controller.registry.records import (
     NewVersion,
@@ -25,7 +26,6 @@ from llm_ops_helper.controller.registry.records import (
 from llm_ops_helper.controller.registry.registry import Registry
 
 UPLOAD_CHUNK_BYTES = 1 << 20
-USER_HEADER = "X-LLMOps-User"
 _UPLOAD_PARAMS = frozenset({"runtime", "format", "filename", "sha256", "source_uri",
                             "parameters", "quantization", "description", "tag"})
 _json = msgspec.json.Encoder()
@@ -108,7 +108,7 @@ class _Routes:
             else None
         version = await self.registry.register(
             name, meta, chunks, expected_sha256=expected.lower() if expected else None,
-            by=_user(request))
+            by=caller_name(request))
         response = respond(version, 201)
         response.headers[hdrs.LOCATION] = (f"{self.public_url().rstrip('/')}/api/v1/models/"
                                            f"{name}/versions/{version.version}")
@@ -124,7 +124,7 @@ class _Routes:
         body = await _body(request, StageChange)
         version = self.registry.set_stage(
             request.match_info["name"], _number(request.match_info["number"], "version"),
-            body.stage, archive_previous=body.archive_previous, by=_user(request))
+            body.stage, archive_previous=body.archive_previous, by=caller_name(request))
         return respond(version)
 
     @_answers_errors
@@ -132,14 +132,14 @@ class _Routes:
         body = await _body(request, AliasTarget)
         alias = request.match_info["alias"]
         previous = self.registry.set_alias(request.match_info["name"], alias, body.version,
-                                           by=_user(request))
+                                           by=caller_name(request))
         return respond({"alias": alias, "version": body.version, "previous": previous})
 
     @_answers_errors
     async def delete_alias(self, request: web.Request) -> web.StreamResponse:
         alias = request.match_info["alias"]
         previous = self.registry.delete_alias(request.match_info["name"], alias,
-                                              by=_user(request))
+                                              by=caller_name(request))
         return respond({"alias": alias, "previous": previous})
 
     @_answers_errors
@@ -208,7 +208,3 @@ def _number(raw: str, what: str) -> int:
     if not is_number(raw):
         raise Invalid(f"{what} {raw!r}: expected a number of at most 9 digits")
     return int(raw)
-
-
-def _user(request: web.Request) -> str:
-    return request.headers.get(USER_HEADER, "").strip()[:200] or "anonymous"
