@@ -120,7 +120,11 @@ class Link:
 
     async def _send_batch(self, client: aiomqtt.Client) -> None:
         batch = self.outbox.head(SEND_WINDOW)
-        await asyncio.gather(*(client.publish(m.topic, m.payload, qos=m.qos) for m in batch))
+        try:
+            await asyncio.gather(*(client.publish(m.topic, m.payload, qos=m.qos) for m in batch))
+        except BaseException:
+            self.outbox.failed()
+            raise
         self.outbox.done(batch)
 
     async def _receive(self, client: aiomqtt.Client) -> None:

@@ -3,6 +3,9 @@
 Two lanes: ``urgent`` (events and command results, small and rare) is always drained before
 ``telemetry`` (one snapshot per interval). Each lane is bounded; when a lane is full the oldest
 message is dropped and counted, so a long outage costs the oldest data, never memory.
+
+A message being published when its lane overflows leaves the lane but is counted as dropped only
+if that publish then fails: a counted drop is always a ``seq`` the controller never sees.
 """
 
 from __future__ import annotations
@@ -24,12 +27,23 @@ class Lane:
         self.capacity = max(1, capacity)
         self.items: deque[Outgoing] = deque()
         self.dropped = 0
+        self.in_flight: list[Outgoing] = []
+        self.evicted_in_flight: list[Outgoing] = []
 
     def append(self, item: Outgoing) -> None:
         if len(self.items) >= self.capacity:
-            self.items.popleft()
-            self.dropped += 1
+            oldest = self.items.popleft()
+            if any(oldest is sent for sent in self.in_flight):
+                self.evicted_in_flight.append(oldest)
+            else:
+                self.dropped += 1
         self.items.append(item)
+
+    def settle(self, succeeded: bool) -> None:
+        if not succeeded:
+            self.dropped += len(self.evicted_in_flight)
+        self.in_flight.clear()
+        self.evicted_in_flight.clear()
 
 
 class Outbox:
@@ -61,7 +75,9 @@ class Outbox:
     def head(self, limit: int) -> list[Outgoing]:
         """Up to ``limit`` of the oldest messages, urgent first; they stay until :meth:`done`."""
         lane = self.urgent if self.urgent.items else self.telemetry
-        return [lane.items[i] for i in range(min(limit, len(lane.items)))]
+        batch = [lane.items[i] for i in range(min(limit, len(lane.items)))]
+        lane.in_flight = list(batch)
+        return batch
 
     def done(self, sent: list[Outgoing]) -> None:
         """Forget acknowledged messages (any a full lane dropped meanwhile are gone already)."""
@@ -70,3 +86,10 @@ class Outbox:
                 if lane.items and lane.items[0] is item:
                     lane.items.popleft()
                     break
+        for lane in (self.urgent, self.telemetry):
+            lane.settle(succeeded=True)
+
+    def failed(self) -> None:
+        """The batch from :meth:`head` was not acknowledged: what a full lane evicted is lost."""
+        for lane in (self.urgent, self.telemetry):
+            lane.settle(succeeded=False)

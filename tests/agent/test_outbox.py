@@ -46,3 +46,20 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
     assert backoff_delay(3, 0.5, 10, rand=lambda: 1.0) == 4.0
     assert backoff_delay(50, 0.5, 10, rand=lambda: 1.0) == 10.0
     assert 5.0 <= backoff_delay(50, 0.5, 10) <= 10.0
+
+
+def test_a_message_evicted_while_in_flight_counts_as_dropped_only_if_its_publish_fails() -> None:
+    box = Outbox(telemetry_capacity=2)
+    box.put_telemetry(_t(1))
+    box.put_telemetry(_t(2))
+    batch = box.head(2)
+    box.put_telemetry(_t(3))  # evicts 1, which is being published
+    box.done(batch)           # ... and the broker acknowledged it: it arrived
+    assert box.dropped == 0
+
+    box.put_telemetry(_t(4))
+    batch = box.head(2)       # 3 and 4 in flight
+    box.put_telemetry(_t(5))  # evicts 3
+    box.failed()              # the connection dropped before the acknowledgement
+    assert box.dropped == 1
+    assert [m.payload for m in box.head(5)] == [b"4", b"5"]
