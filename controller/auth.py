@@ -60,7 +60,10 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/api/v1/deployments/{name}/rollback"): "operator",
     ("GET", "/api/v1/audit"): "admin",
 }
-OPEN_ROUTES = frozenset({("GET", "/healthz")})
+# The dashboard's page and static files carry no data (it signs in with a token from the
+# browser), nor does the API's OpenAPI description.
+OPEN_ROUTES = frozenset({("GET", "/healthz"), ("GET", "/"), ("GET", "/ui/{file}"),
+                         ("GET", "/api/v1/openapi.json")})
 # Routes a URL signature (UrlSigner) opens as well as a viewer token.
 SIGNED_ROUTES = frozenset({("GET", "/api/v1/artifacts/{sha256}"),
                            ("HEAD", "/api/v1/artifacts/{sha256}")})

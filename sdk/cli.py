@@ -52,6 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883), metavar="HOST:PORT")
     watch.add_argument("--raw", action="store_true", help="print topic and raw JSON payloads")
 
+    top = sub.add_parser("top", parents=[common],
+                         help="live terminal view of hosts, GPUs, replicas and alerts (q quits)")
+    top.add_argument("--interval", type=float, default=1.0, help="refresh every N s (default 1)")
+    top.add_argument("--once", action="store_true",
+                     help="print one frame and exit (no terminal needed)")
+
+    logs = sub.add_parser("logs", help="pretty-print the daemons' JSON log lines, filtered")
+    logs.add_argument("files", nargs="*", metavar="FILE",
+                      help="log files (default: stdin, or journalctl with --unit)")
+    logs.add_argument("-u", "--unit", action="append", default=[],
+                      help="read `journalctl -o cat -u UNIT` (repeatable)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep reading (journalctl -f)")
+    logs.add_argument("--host", action="append", default=[], help="only these hosts")
+    logs.add_argument("--deployment", action="append", default=[],
+                      help="only these deployments")
+    logs.add_argument("--level", default=None,
+                      help="minimum level: debug, info, warning, error, critical")
+    logs.add_argument("--event", action="append", default=[],
+                      help="only events matching this glob, e.g. 'replica_*' (repeatable)")
+    logs.add_argument("--catalogue", action="store_true",
+                      help="list every event the daemons emit, with its level and fields")
+
     evaluate.add_parser(sub)
     cli_models.add_parser(sub, common)
     cli_deploy.add_parsers(sub, common)
@@ -84,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         return cli_keys.run(args)
     if args.command == "tokens":
         return cli_tokens.run(args)
+    if args.command == "logs":
+        from llm_ops_helper.logview import run_logs
+        return run_logs(args)
+    if args.command == "top":
+        from llm_ops_helper.top import run_top
+        return run_top(args)
     if hasattr(args, "run"):
         return run_client_command(args)
     try:
