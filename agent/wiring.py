@@ -110,6 +110,8 @@ def build_agent(config: AgentConfig) -> Agent:
             raise ConfigError(f"{config.source}: key 'host_metrics.disk_path': no such path "
                               f"{config.host_metrics.disk_path!r}") from None
     supervisor = build_supervisor(config, gpus)
+    if isinstance(gpus, SimulatedGpuCollector):
+        gpus.memory_in_use = supervisor.gpu_memory_in_use
     configured = [ScrapeTarget(r.name, r.runtime, r.metrics_url) for r in config.replicas]
     collectors.append(RuntimeCollector(lambda: [*configured, *supervisor.targets()],
                                        timeout_s=config.collector_timeout_s * 0.9))

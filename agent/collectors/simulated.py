@@ -14,7 +14,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -126,6 +126,9 @@ class SimulatedGpuCollector:
         self._fired: set[int] = set()
         self._by_kind: dict[tuple[type, int], list[Any]] = {}
         self._tracker = GpuEventTracker(host)
+        # Bytes per GPU index that the replicas served here hold (the agent wires in its
+        # supervisor's count): a simulated board reports them as used, as a real one would.
+        self.memory_in_use: Callable[[], Mapping[int, int]] = dict
         p = self.profile
         self._gpus = [
             _Gpu(index=i, temperature_c=p.idle_temperature_c, power_w=p.idle_power_w,
@@ -141,7 +144,8 @@ class SimulatedGpuCollector:
         t = self._clock() - self._start
         dt, self._last_t = max(0.0, t - self._last_t), max(t, self._last_t)
         events = self._fire(t)
-        samples = [self._step(gpu, t, dt) for gpu in self._gpus]
+        in_use = self.memory_in_use()
+        samples = [self._step(gpu, t, dt, in_use.get(gpu.index, 0)) for gpu in self._gpus]
         events.extend(self._tracker.observe(samples, self._epoch + t))
         return Collected(gpus=samples, events=events)
 
@@ -189,7 +193,7 @@ class SimulatedGpuCollector:
                                           if isinstance(e, kind) and e.applies_to(gpu)]
         return found
 
-    def _step(self, gpu: _Gpu, t: float, dt: float) -> GpuSample:
+    def _step(self, gpu: _Gpu, t: float, dt: float, replica_bytes: int = 0) -> GpuSample:
         p = self.profile
         lost = _latest(self._entries(Disappear, gpu.index), t) is not None
         pattern = _latest(self._entries(Utilization, gpu.index), t)
@@ -220,7 +224,8 @@ class SimulatedGpuCollector:
             index=gpu.index, uuid=gpu.uuid, name=p.name,
             utilization_gpu_pct=util,
             utilization_memory_pct=float(round(util * 0.6)),
-            memory_used_bytes=p.idle_memory_used_mib * MIB,
+            memory_used_bytes=min(p.memory_total_bytes,
+                                  p.idle_memory_used_mib * MIB + replica_bytes),
             memory_total_bytes=p.memory_total_bytes,
             temperature_c=float(round(gpu.temperature_c)),
             power_w=round(gpu.power_w, 2),

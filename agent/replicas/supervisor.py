@@ -388,6 +388,17 @@ class Supervisor(ReplicaLife):
 
     # --- telemetry -----------------------------------------------------------------------
 
+    def gpu_memory_in_use(self) -> dict[int, int]:
+        """GPU memory per GPU index held by ready (and draining) replicas, from their specs:
+        what simulated GPUs report as used. Replicas still starting are the controller's
+        reservations, not yet in the reading (see the scheduler)."""
+        used: dict[int, int] = {}
+        for r in self.replicas.values():
+            if r.state in ("ready", "draining") and r.spec.gpu_memory_bytes:
+                for index in r.spec.gpus:
+                    used[index] = used.get(index, 0) + r.spec.gpu_memory_bytes
+        return used
+
     def targets(self) -> list[ScrapeTarget]:
         """Supervised replicas to scrape: those with a process and a known metrics format."""
         known = mappings()

@@ -343,3 +343,11 @@ def test_a_scenario_for_gpus_the_host_lacks_is_refused() -> None:
     refused = r"events\[9\]\.gpu: GPU 4 does not exist \(the host has 4: 0\.\.3\)"
     with pytest.raises(ScenarioError, match=refused):
         sim(EXAMPLE.read_text(), count=4)
+
+
+async def test_memory_held_by_replicas_shows_as_used_up_to_the_boards_size() -> None:
+    collector, clock = sim(count=3)
+    collector.memory_in_use = lambda: {0: 16 * 1024 * MIB, 2: 10**15}
+    samples, _ = await run(collector, clock, until=1)
+    assert [s.memory_used_bytes for s in samples] == [
+        (50 + 16 * 1024) * MIB, 50 * MIB, 81920 * MIB]

@@ -351,3 +351,14 @@ async def test_an_internal_error_fails_the_replica_without_leaving_its_process(
     await wait_for(lambda: sup.replicas[s.name].state == "failed", "failed")
     assert "internal error: ZeroDivisionError: a bug" in (sup.replicas[s.name].reason or "")
     assert replica_processes(sup.state_dir, s.name) == []
+
+
+async def test_gpu_memory_in_use_counts_ready_replicas_per_gpu(make_supervisor) -> None:
+    sup = await make_supervisor([])
+    gib = 1024**3
+    await sup.deploy(spec("tiny-r1-aaaaaa", gpus=[0, 1], gpu_memory_bytes=4 * gib))
+    assert sup.gpu_memory_in_use() == {}, "not before the server is ready"
+    await wait_for(lambda: sup.replicas["tiny-r1-aaaaaa"].state == "ready", "ready")
+    await sup.deploy(spec("tiny-r1-bbbbbb", gpus=[1], gpu_memory_bytes=2 * gib))
+    await wait_for(lambda: sup.replicas["tiny-r1-bbbbbb"].state == "ready", "ready")
+    assert sup.gpu_memory_in_use() == {0: 4 * gib, 1: 6 * gib}
