@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from llm_ops_helper.controller import auth
+from llm_ops_helper.controller import auth, dashboard, openapi
 from llm_ops_helper.controller.autoscale import api as autoscale_api
 from llm_ops_helper.controller.deployments import api as deployments_api
 from llm_ops_helper.controller.fleet import HostState
@@ -197,4 +197,6 @@ def build_app(state: ControllerState) -> web.Application:
     registry_api.add_routes(app, state.registry, public_url=lambda: state.public_url)
     deployments_api.add_routes(app, state.deployments)
     autoscale_api.add_routes(app, state.autoscaler)
+    dashboard.add_routes(app, state)
+    openapi.add_routes(app)
     return app

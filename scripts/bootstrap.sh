@@ -33,6 +33,12 @@ if [ -n "${WITH_TEST_TOOLS:-}" ] && ! command -v systemd-analyze >/dev/null; the
   apt_install systemd
 fi
 
+# The dashboard's browser test drives headless Chromium over the DevTools protocol.
+if [ -n "${WITH_TEST_TOOLS:-}" ] && ! command -v chromium >/dev/null; then
+  echo "bootstrap: installing chromium (for the dashboard's browser test)"
+  apt_install chromium
+fi
+
 if [ ! -x .venv/bin/python ]; then
   if ! "$PYTHON" -m venv .venv 2>/dev/null; then
     rm -rf .venv

@@ -1,0 +1,121 @@
+"""``GET /api/v1/overview``: the whole fleet on one page, what the dashboard and ``llmops top``
+draw every second.
+
+:func:`overview` is a plain function of the controller's in-memory state: hosts and their
+GPUs (from the latest telemetry, else the inventory in the retained status), the deployments as
+the deployments engine shows them, and the firing alerts. A GPU's ``health`` folds the alerts
+that name it into one colour: ``critical`` when a critical alert names it or the agent reports
+it unhealthy, ``warning`` when a warning does, else ``ok``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from aiohttp import web
+
+from llm_ops_helper.controller.fleet import HostState
+from llm_ops_helper.controller.state import ControllerState
+from llm_ops_helper.proto.messages import Alert, GpuSample
+
+Health = Literal["ok", "warning", "critical"]
+
+
+def gpu_health(healthy: bool, severities: Iterable[str]) -> Health:
+    found = set(severities)
+    if not healthy or "critical" in found:
+        return "critical"
+    return "warning" if "warning" in found else "ok"
+
+
+def _gpu(g: GpuSample, severities: list[str]) -> dict[str, Any]:
+    return {"index": g.index, "name": g.name, "uuid": g.uuid, "healthy": g.healthy,
+            "error": g.error, "util_pct": g.utilization_gpu_pct,
+            "memory_used_bytes": g.memory_used_bytes,
+            "memory_total_bytes": g.memory_total_bytes, "temperature_c": g.temperature_c,
+            "power_w": g.power_w, "power_limit_w": g.power_limit_w,
+            "health": gpu_health(g.healthy, severities)}
+
+
+def _host(s: HostState, firing: list[Alert]) -> dict[str, Any]:
+    mine = [a for a in firing if a.host == s.host]
+    by_gpu: dict[int, list[str]] = {}
+    for a in mine:
+        if a.gpu is not None:
+            by_gpu.setdefault(a.gpu, []).append(a.severity)
+    t = s.telemetry
+    if t is not None:
+        gpus = [_gpu(g, by_gpu.get(g.index, [])) for g in sorted(t.gpus, key=lambda g: g.index)]
+    else:  # inventory only: no sample yet
+        inventory = s.status.gpus if s.status is not None else []
+        gpus = [{"index": g.index, "name": g.name, "uuid": g.uuid, "healthy": True,
+                 "error": None, "util_pct": None, "memory_used_bytes": None,
+                 "memory_total_bytes": g.memory_total_bytes, "temperature_c": None,
+                 "power_w": None, "power_limit_w": None,
+                 "health": gpu_health(True, by_gpu.get(g.index, []))}
+                for g in sorted(inventory, key=lambda g: g.index)]
+    m = t.host_metrics if t is not None else None
+    return {
+        "host": s.host, "online": s.online, "offline_reason": s.offline_reason,
+        "since": s.since, "last_ts": t.ts if t is not None else None,
+        "agent_version": (s.status.agent_version or None) if s.status is not None else None,
+        "cpu_pct": m.cpu_pct if m is not None else None,
+        "memory_used_pct": (100.0 * m.memory_used_bytes / m.memory_total_bytes
+                            if m is not None and m.memory_total_bytes else None),
+        "alerts": len(mine), "gpus": gpus,
+    }
+
+
+def version_number(ref: str | None) -> int | None:
+    """``"chat@3"`` -> 3; None for anything else."""
+    number = ref.rpartition("@")[2] if ref else ""
+    return int(number) if number.isascii() and number.isdigit() else None
+
+
+def _deployment(view: dict[str, Any]) -> dict[str, Any]:
+    spec = view.get("spec") or {}
+    autoscale = spec.get("autoscale") or {}
+    ref = view.get("version")
+    model = ref.rpartition("@")[0] if ref and "@" in ref else spec.get("model", "")
+    return {
+        "name": view["name"], "model": model, "version": version_number(ref),
+        "ref": ref, "requested": view.get("requested"),
+        "previous_version": version_number(view.get("previous_version")),
+        "runtime": view.get("runtime"),
+        "replicas_desired": view["desired"], "replicas_ready": view["ready"],
+        "phase": view["phase"], "message": view.get("message"),
+        "autoscale_mode": autoscale.get("mode", "off"),
+        "replicas": [{"name": r["name"], "host": r["host"], "state": r["state"],
+                      "reason": r["reason"], "version": version_number(r["version"]),
+                      "gpus": list(r["gpus"]),
+                      "url": r["url"], "phase": r["phase"]} for r in view["replicas"]],
+    }
+
+
+def _alert(a: Alert) -> dict[str, Any]:
+    return {"id": a.id, "rule": a.rule, "severity": a.severity, "host": a.host, "gpu": a.gpu,
+            "replica": a.replica, "summary": a.summary, "started_at": a.started_at}
+
+
+_SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+
+
+def overview(state: ControllerState, now: float | None = None) -> dict[str, Any]:
+    firing = sorted(state.alerts.firing.values(),
+                    key=lambda a: (_SEVERITY_ORDER.get(a.severity, 3), -(a.started_at or a.ts)))
+    hosts = [_host(s, firing) for s in sorted(state.fleet.hosts.values(), key=lambda s: s.host)]
+    return {
+        "ts": time.time() if now is None else now,
+        "hosts": hosts,
+        "deployments": [_deployment(v) for v in state.deployments.list_views()],
+        "alerts": [_alert(a) for a in firing],
+    }
+
+
+STATE: web.AppKey[ControllerState] = web.AppKey("dashboard_state", ControllerState)
+
+
+async def get_overview(request: web.Request) -> web.Response:
+    return web.json_response(overview(request.app[STATE]))
