@@ -344,6 +344,16 @@ class LLMOpsHelper:
         return list(self._call("GET", f"/api/v1/deployments/{_seg(deployment)}/endpoints",
                                _EndpointList).endpoints)
 
+    def overview(self) -> dict[str, Any]:
+        """``GET /api/v1/overview``: hosts with their GPUs, deployments with their replicas
+        and the firing alerts, as the controller's JSON (what the dashboard and ``llmops top``
+        show)."""
+        path = "/api/v1/overview"
+        data = self._decode(self._request("GET", path), dict)
+        if not isinstance(data.get("hosts"), list):
+            raise LLMOpsError(f"unexpected answer from {self.url}{path}: no \"hosts\" list")
+        return data
+
     def delete_deployment(self, name: str) -> None:
         """Ask the controller to stop every replica and forget the deployment."""
         self._request("DELETE", f"/api/v1/deployments/{_seg(name)}")
