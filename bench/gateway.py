@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import hashlib
 import itertools
 import json
 import os
@@ -41,6 +40,7 @@ from aiohttp import web
 
 from llm_ops_helper.agent.runtimes.simserver.card import write_model_card
 from llm_ops_helper.broker import free_port
+from llm_ops_helper.localfleet import gateway_toml
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "gateway.json"
@@ -94,26 +94,11 @@ async def controller_standin(urls: list[str]) -> tuple[web.AppRunner, str]:
 
 def gateway_config(work: Path, controller: str, port: int) -> Path:
     path = work / "gateway.toml"
-    path.write_text(f"""
-log_level = "warning"
-[http]
-port = {port}
-[controller]
-url = "{controller}"
-refresh_s = 5.0
-[state]
-dir = "{work / 'gw-state'}"
-[guards.on]
-injection = true
-redact_output = true
-[[keys]]
-name = "bench"
-sha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"
-guards = "on"
-[[keys]]
-name = "open"
-sha256 = "{hashlib.sha256(OPEN_KEY.encode()).hexdigest()}"
-""")
+    path.write_text(gateway_toml(
+        controller, port, work / "gw-state", log_level="warning",
+        keys=[{"name": "bench", "key": KEY, "guards": "on"}, {"name": "open", "key": OPEN_KEY}],
+        tables={"controller": {"refresh_s": 5.0},
+                "guards.on": {"injection": True, "redact_output": True}}))
     return path
 
 

@@ -7,13 +7,14 @@ log, so a test can stop, kill and restart it at will.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import getpass
 import os
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,21 @@ INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto"
 
 class BrokerUnavailable(RuntimeError):
     pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when the thread that
+    started it dies (``prctl(PR_SET_PDEATHSIG)``; Linux): a killed demo takes its daemons with
+    it. Start children from the main thread, or the signal comes when the starting thread ends."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return preexec
 
 
 def mosquitto_binary() -> str:
@@ -140,8 +156,13 @@ class BrokerSecurity:
 
 class LocalMosquitto:
     def __init__(self, data_dir: Path, port: int | None = None,
-                 security: BrokerSecurity | None = None) -> None:
+                 security: BrokerSecurity | None = None, env: Mapping[str, str] | None = None,
+                 parent_death: bool = False) -> None:
+        """``env``: added to the broker's environment; ``parent_death``: SIGTERM when its
+        starter dies (see :func:`die_with_parent`)."""
         self.binary = mosquitto_binary()
+        self.env = dict(env or {})
+        self.parent_death = parent_death
         self.security = security
         self.data_dir = data_dir
         self.port = port or free_port()
@@ -165,7 +186,11 @@ class LocalMosquitto:
             (self.data_dir / "mosquitto.acl").write_text(acl.read_text())
         self._process = subprocess.Popen(
             [self.binary, "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, **self.env} if self.env else None,
+            preexec_fn=die_with_parent() if self.parent_death else None,
+            # A terminal's Ctrl-C reaches only its owner, which stops the broker last, in order.
+            start_new_session=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:

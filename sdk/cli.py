@@ -20,6 +20,16 @@ def _broker(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}") from None
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {value!r}")
+    return port
+
+
 def _client_options(parser: argparse.ArgumentParser, default: object) -> None:
     """--url, --token and --json, before the command or after it (where they default to
     SUPPRESS, so an option given before is not overwritten)."""
@@ -40,13 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run a local broker and an agent with simulated GPUs")
-    demo.add_argument("--gpus", type=int, default=8, help="simulated GPUs (default 8)")
-    demo.add_argument("--interval", type=float, default=1.0, help="telemetry interval, s")
+    demo = sub.add_parser(
+        "demo", help="run a whole fleet here: broker, controller and dashboard, gateway, "
+        "3 agents, a model deployed under a rising and falling load, one GPU fault")
     demo.add_argument("--duration", type=float, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
-    demo.add_argument("--scenario", default=None,
-                      help="fault scenario TOML (default: the shipped example timeline)")
+    demo.add_argument("--agents", type=int, default=3, help="agents (default 3)")
+    demo.add_argument("--gpus", type=int, default=2,
+                      help="simulated GPUs per agent (default 2)")
+    demo.add_argument("--runtime", choices=("auto", "llamacpp", "sim"), default="auto",
+                      help="auto: llama.cpp on a tiny generated model where xllamacpp "
+                           "imports, else the sim runtime")
+    demo.add_argument("--port", type=_port, default=None,
+                      help="controller and dashboard port if free, else any; 0: any "
+                           "(default 8470)")
+    demo.add_argument("--gateway-port", type=_port, default=None,
+                      help="gateway port if free, else any; 0: any (default 8480)")
+    demo.add_argument("--workdir", default=None,
+                      help="configs, state and logs (default: a new temporary directory)")
 
     watch = sub.add_parser("watch", help="print agents' status, telemetry and events")
     watch.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883), metavar="HOST:PORT")
@@ -112,13 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "top":
         from llm_ops_helper.top import run_top
         return run_top(args)
+    if args.command == "demo":
+        from llm_ops_helper.demo import run_demo
+        return run_demo(args)
     if hasattr(args, "run"):
         return run_client_command(args)
     try:
-        if args.command == "demo":
-            from llm_ops_helper.demo import run_demo
-            return asyncio.run(run_demo(gpus=args.gpus, interval_s=args.interval,
-                                        duration_s=args.duration, scenario=args.scenario))
         from llm_ops_helper.watch import watch as watch_broker
         asyncio.run(watch_broker(*args.broker, raw=args.raw))
     except KeyboardInterrupt:

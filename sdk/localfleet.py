@@ -14,21 +14,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_ops_helper.broker import LocalMosquitto, free_port
+from llm_ops_helper.broker import LocalMosquitto, die_with_parent, free_port
 
 KEY_ID = "fleet"
+
+
+def pick_port(preferred: int, host: str = "127.0.0.1") -> int:
+    """``preferred`` if nothing listens there now (a bind succeeds), else a free port."""
+    with socket.socket() as sock:
+        # As the daemons bind (asyncio's reuse_address): a port a previous run left in
+        # TIME_WAIT is free to them, so it is free here too.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, preferred))
+        except OSError:
+            return free_port()
+    return preferred
 
 
 def toml_value(value: Any) -> str:
@@ -67,6 +83,23 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def gateway_toml(controller_url: str, port: int, state_dir: Path,
+                 keys: Sequence[Mapping[str, Any]], *, token_file: Path | None = None,
+                 log_level: str = "info", tables: Mapping[str, Any] | None = None) -> str:
+    """An ``llmops-gateway`` config in front of ``controller_url``. ``keys``: tables with the
+    API key itself under ``key`` (only its sha256 is written) and any other key settings;
+    ``tables`` are merged over the defaults (``{"guards.on": {...}}`` adds a table)."""
+    controller: dict[str, Any] = {"url": controller_url, "refresh_s": 0.5}
+    if token_file is not None:
+        controller["token_file"] = str(token_file)
+    merged = merge({"http": {"host": "127.0.0.1", "port": port}, "controller": controller,
+                    "state": {"dir": str(state_dir), "flush_s": 1.0}}, dict(tables or {}))
+    merged["keys"] = [{"name": k["name"], "sha256": hashlib.sha256(k["key"].encode()).hexdigest(),
+                       **{n: v for n, v in k.items() if n not in ("name", "key")}}
+                      for k in keys]
+    return toml_document({"log_level": log_level}, merged)
+
+
 class Daemon:
     """``python -m MODULE --config FILE`` as a child process in its own session, logs to a file
     (its own session: a Ctrl-C meant for the caller does not reach it first)."""
@@ -79,11 +112,16 @@ class Daemon:
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, env: Mapping[str, str] | None = None, parent_death: bool = False) -> None:
+        """``env``: added to the inherited environment; ``parent_death``: the kernel sends
+        SIGTERM when the starting thread dies (:func:`die_with_parent`), so an agent stops its
+        replicas even when whoever started it was killed."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", self.module, "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **env} if env else None,
+                preexec_fn=die_with_parent() if parent_death else None)
 
     @property
     def running(self) -> bool:
@@ -156,10 +194,20 @@ class LocalFleet:
     agent_overrides: dict[str, Any] = field(default_factory=dict)
     controller_overrides: dict[str, Any] = field(default_factory=dict)
     host_prefix: str = "gpu"
+    # Per host (by name): TOML tables merged over agent_overrides for that agent only.
+    host_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The controller's HTTP port if it is free at start, else any free one (None: any).
+    preferred_http_port: int | None = None
     broker: LocalMosquitto | None = None
     controller: Daemon | None = None
+    gateway: Daemon | None = None
     agents: list[AgentHandle] = field(default_factory=list)
     http_port: int = 0
+    gateway_port: int = 0
+    # Added to every process's environment (replicas inherit it): a mark to find them by.
+    env: dict[str, str] = field(default_factory=dict)
+    # Daemons and the broker get SIGTERM when the thread that started them dies.
+    parent_death: bool = False
 
     @property
     def url(self) -> str:
@@ -220,7 +268,29 @@ class LocalFleet:
                            "stop_replicas_on_exit": True},
             "commands": {"keys": [{"id": KEY_ID, "file": str(self.key_path)}]},
         }, self.agent_overrides)
-        return toml_document({"host": host}, tables)
+        return toml_document({"host": host}, merge(tables, self.host_overrides.get(host, {})))
+
+    def gateway_toml(self, port: int, keys: dict[str, str]) -> str:
+        """An ``llmops-gateway`` config in front of this fleet's controller; ``keys`` maps a
+        key name to the API key itself (only its sha256 is written)."""
+        return gateway_toml(self.url, port, self.workdir / "gateway-state",
+                            [{"name": n, "key": k, "models": ["*"]} for n, k in keys.items()],
+                            token_file=self.token_path, tables={"limits": {"hold_s": 10.0}})
+
+    def start_gateway(self, keys: dict[str, str], preferred_port: int | None = None) -> Daemon:
+        """Start the gateway process (stopped by :meth:`stop`); its URL is ``gateway_url``."""
+        self.gateway_port = pick_port(preferred_port) if preferred_port else free_port()
+        self.gateway = Daemon("llm_ops_helper.controller.gateway", "gateway", self.workdir,
+                              self.gateway_toml(self.gateway_port, keys))
+        self._start(self.gateway)
+        return self.gateway
+
+    def _start(self, daemon: Daemon) -> None:
+        daemon.start(self.env, self.parent_death)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
 
     def add_agent(self, host: str | None = None) -> AgentHandle:
         host = host or f"{self.host_prefix}-{len(self.agents) + 1:02d}"
@@ -235,14 +305,16 @@ class LocalFleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._write_key()
         self._write_token()
-        self.broker = LocalMosquitto(self.workdir / "mosquitto")
+        self.broker = LocalMosquitto(self.workdir / "mosquitto", env=self.env,
+                                     parent_death=self.parent_death)
         await self.broker.start()
-        self.http_port = free_port()
+        self.http_port = (pick_port(self.preferred_http_port) if self.preferred_http_port
+                          else free_port())
         self.controller = Daemon("llm_ops_helper.controller", "controller", self.workdir,
                                  self.controller_toml())
-        self.controller.start()
+        self._start(self.controller)
         for _ in range(self.agents_count):
-            self.add_agent().daemon.start()
+            self._start(self.add_agent().daemon)
         await self.wait_ready(timeout_s)
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -255,6 +327,10 @@ class LocalFleet:
             assert self.controller is not None
             if not self.controller.running:
                 raise RuntimeError(f"the controller exited: {self.controller.log()[-2000:]}")
+            for agent in self.agents:
+                if agent.daemon.process is not None and not agent.daemon.running:
+                    raise RuntimeError(f"agent {agent.host} exited: "
+                                       f"{agent.daemon.log()[-2000:]}")
             try:
                 hosts = (await asyncio.to_thread(self.get, "/api/v1/hosts"))["hosts"]
                 online = {h["host"] for h in hosts if h["online"] and h["last_ts"]}
@@ -272,19 +348,31 @@ class LocalFleet:
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.load(response)
 
-    async def stop(self) -> None:
-        for agent in self.agents:
-            with contextlib.suppress(Exception):
-                await agent.daemon.stop()
-        for agent in self.agents:
-            for pgid in agent.replica_groups().values():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-        if self.controller is not None:
-            with contextlib.suppress(Exception):
-                await self.controller.stop()
-        if self.broker is not None:
-            await self.broker.stop()
+    def daemons(self) -> list[Daemon]:
+        """Every daemon started so far: agents first (they start replicas), then the rest."""
+        found = [a.daemon for a in self.agents]
+        return found + [d for d in (self.gateway, self.controller) if d is not None]
+
+    async def stop(self, daemon_timeout_s: float = 15.0) -> None:
+        """The gateway, then every agent at once (they stop their replicas), any replica group
+        still named, the controller, and the broker last, even when cancelled part-way. Each
+        daemon gets ``daemon_timeout_s`` after SIGTERM, then SIGKILL."""
+        try:
+            if self.gateway is not None:
+                with contextlib.suppress(Exception):
+                    await self.gateway.stop(daemon_timeout_s)
+            await asyncio.gather(*(a.daemon.stop(daemon_timeout_s) for a in self.agents),
+                                 return_exceptions=True)
+            for agent in self.agents:
+                for pgid in agent.replica_groups().values():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pgid, signal.SIGKILL)
+            if self.controller is not None:
+                with contextlib.suppress(Exception):
+                    await self.controller.stop(daemon_timeout_s)
+        finally:
+            if self.broker is not None:
+                await self.broker.stop()
 
     async def __aenter__(self) -> LocalFleet:
         try:

@@ -6,7 +6,6 @@ killed under it."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
 from collections import Counter
@@ -17,7 +16,7 @@ import aiohttp
 import pytest
 
 from llm_ops_helper.client import LLMOpsHelper
-from llm_ops_helper.localfleet import Daemon, LocalFleet
+from llm_ops_helper.localfleet import Daemon, LocalFleet, gateway_toml
 from llm_ops_helper.tinymodel import write_tiny_llama
 from tests.controller.gateway.harness import free_port
 from tests.e2e.test_deploy_llamacpp import NO_CANARY, replica_processes
@@ -33,34 +32,13 @@ async def fleet(tmp_path: Path) -> AsyncIterator[LocalFleet]:
         yield local
 
 
-def gateway_toml(fleet: LocalFleet, port: int, state: Path) -> str:
-    def sha(key: str) -> str:
-        return hashlib.sha256(key.encode()).hexdigest()
-    return f"""
-[http]
-host = "127.0.0.1"
-port = {port}
-[controller]
-url = "{fleet.url}"
-token_file = "{fleet.token_path}"
-refresh_s = 0.5
-[limits]
-hold_s = 10.0
-[state]
-dir = "{state}"
-flush_s = 0.2
-[guards.default]
-redact_output = true
-[[keys]]
-name = "app"
-sha256 = "{sha('sk-app')}"
-models = ["tiny"]
-guards = "default"
-[[keys]]
-name = "trickle"
-sha256 = "{sha('sk-trickle')}"
-rpm = 1
-"""
+def gateway_config(fleet: LocalFleet, port: int, state: Path) -> str:
+    return gateway_toml(
+        fleet.url, port, state, token_file=fleet.token_path,
+        keys=[{"name": "app", "key": "sk-app", "models": ["tiny"], "guards": "default"},
+              {"name": "trickle", "key": "sk-trickle", "rpm": 1}],
+        tables={"limits": {"hold_s": 10.0}, "state": {"flush_s": 0.2},
+                "guards.default": {"redact_output": True}})
 
 
 async def test_gateway_in_front_of_two_llamacpp_replicas(fleet: LocalFleet,
@@ -72,7 +50,7 @@ async def test_gateway_in_front_of_two_llamacpp_replicas(fleet: LocalFleet,
     assert deployment.ready == 2
     port = free_port()
     daemon = Daemon("llm_ops_helper.controller.gateway", "gateway", tmp_path / "gw",
-                    gateway_toml(fleet, port, tmp_path / "gw" / "state"))
+                    gateway_config(fleet, port, tmp_path / "gw" / "state"))
     daemon.start()
     url = f"http://127.0.0.1:{port}"
     app = {"Authorization": "Bearer sk-app"}
