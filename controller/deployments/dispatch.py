@@ -96,8 +96,10 @@ class Dispatcher:
         reservations = [Reservation(r.host, tuple(r.gpus), r.spec.gpu_memory_bytes or 0)
                         for r in self.ledger.records.values()
                         if r.phase == "active" and r.gpus and not self.observer.ready(r)]
+        # Spread against the replicas that stay: in a rollout the old revision's are all on
+        # their way out, and counting them drew every new replica onto one host.
         existing = Counter(r.host for r in self.ledger.records_of(d.name)
-                           if r.phase == "active")
+                           if r.phase == "active" and r.version == rev.version)
         avoided = self.failures.avoided(d.name, now)
         placement = place(request, [
             dataclasses.replace(h, unhealthy=f"a replica of {d.name} failed there lately")

@@ -21,7 +21,10 @@ from tests.controller.fixtures import gpu, status, telemetry
 @pytest.fixture
 async def api(tmp_path: Path):
     state = build_state(parse(f'[broker]\nhost = "x"\n[state]\ndir = "{tmp_path}"\n'
-                              '[detection]\nalert_after_samples = 100\n', "c.toml"))
+                              '[detection]\nalert_after_samples = 100\n'
+                              # 201 snapshots fed at once: past the default burst of 200 the
+                              # last one waited for the bucket to refill (50 ms), a race.
+                              '[fleet]\nburst = 1000\n', "c.toml"))
     token = state.tokens.create("test-admin", "admin", "test")
     client = TestClient(TestServer(build_app(state)),
                         headers={"Authorization": f"Bearer {token}"})

@@ -93,6 +93,23 @@ async def test_rolling_update_surge_one_and_history(world: World) -> None:
     assert history["revisions"][1]["reason"] == "bob changed model tiny@1 -> tiny@2"
 
 
+async def test_a_rolling_update_of_cpu_replicas_keeps_them_on_two_hosts(world: World) -> None:
+    """With nothing to tell hosts apart but the spread, the old version's replicas (all on their
+    way out) must not count: they once drew both new replicas onto one host."""
+    world.engine.apply("cpu", spec(gpus_per_replica=0))
+    world.deliver(world.step())
+    world.ready_all()
+    world.step()
+    world.engine.apply("cpu", spec("tiny@2", gpus_per_replica=0))
+    for _ in range(8):
+        sent = world.step()
+        world.deliver(sent)
+        world.ready_all()
+    view = world.engine.get("cpu")
+    assert view["phase"] == "available" and view["version"] == "tiny@2"
+    assert sorted(r["host"] for r in view["replicas"]) == ["host-a", "host-b"]
+
+
 async def test_new_version_exiting_at_start_rolls_back_automatically(world: World) -> None:
     deployed(world)
     world.engine.apply("chat", spec("tiny@3"))
