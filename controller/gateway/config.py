@@ -5,7 +5,7 @@
     port = 8080
 
     [controller]
-    url = "http://127.0.0.1:8100"
+    url = "http://127.0.0.1:8470"
     token_file = "controller.token"   # bearer token for the controller API (a file, not inline)
     refresh_s = 2.0
 
