@@ -24,59 +24,82 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class BrokerConfig(Section, kw_only=True, frozen=True):
+    # The MQTT broker's host name or address (required).
     host: str
+    # The broker's port: 1883 plain, 8883 with systemd/mosquitto-tls.conf.
     port: Port = 1883
+    # MQTT keep-alive; the broker declares the client gone (and publishes its Last Will) after 1.5
+    # times this.
     keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 30
     # With systemd/mosquitto.acl the username must be this agent's host name: the ACL lets
     # user %u publish only under llmops/v1/agents/%u/ and read only its own commands.
     username: str = ""
+    # A file holding the broker password (mode 600), not the password itself.
     password_file: str = ""
     # How long the broker keeps this agent's session (and queued commands) while it is away.
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 3600
+    # First delay before reconnecting; doubles, with jitter, up to reconnect_max_s.
     reconnect_min_s: Positive = 0.5
+    # Longest delay between reconnect attempts (at least reconnect_min_s).
     reconnect_max_s: Positive = 10.0
-    # TLS to the broker (port 8883 in systemd/mosquitto-tls.conf). ca_file: the CA that signed
-    # the broker's certificate (empty: the system's CAs). cert_file/key_file: a client
-    # certificate, for a broker with require_certificate. tls_insecure skips the host name
-    # check only (the chain is still verified); never for production.
+    # TLS to the broker (port 8883 in systemd/mosquitto-tls.conf), checked with the keys below.
     tls: bool = False
+    # The CA that signed the broker's certificate; empty: the system's CAs.
     ca_file: str = ""
+    # Client certificate, for a broker with require_certificate true.
     cert_file: str = ""
+    # The client certificate's private key.
     key_file: str = ""
+    # Skip the host name check (the chain is still verified); never in production.
     tls_insecure: bool = False
 
 
 class TelemetryConfig(Section, kw_only=True, frozen=True):
+    # One telemetry snapshot is published this often.
     interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 1.0
     # Snapshots kept while the broker is unreachable, sent oldest first when it returns.
     buffer_s: Annotated[float, msgspec.Meta(ge=0)] = 900.0
+    # MQTT QoS of telemetry: 1 survives a broker hiccup, 0 is cheaper.
     qos: Literal[0, 1] = 1
     # Per-collector time limit; defaults to 80 % of the interval.
     collector_timeout_s: Positive | None = None
 
 
 class GpusConfig(Section, kw_only=True, frozen=True):
+    # Where GPU data comes from. auto: NVML when an NVIDIA driver is present, simulated GPUs
+    # otherwise; none: no GPU collector.
     backend: Literal["auto", "nvml", "simulated", "none"] = "auto"
+    # How many GPUs the simulated backend reports.
     simulated_count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 8
+    # Board the simulated GPUs imitate: a100-sxm4-80gb, a10g, t4, rtx-4000-sff-ada, h100-sxm5-80gb,
+    # h200-sxm-141gb.
     simulated_profile: str = "a100-sxm4-80gb"
+    # A fault scenario for simulated GPUs (systemd/scenario.example.toml), relative to this file.
     scenario: str = ""
 
 
 class HostMetricsConfig(Section, kw_only=True, frozen=True):
+    # Sample host CPU, memory, load, disk and network.
     enabled: bool = True
+    # The filesystem whose usage is reported.
     disk_path: str = "/"
 
 
 class ReplicaTarget(Section, kw_only=True, frozen=True):
     """A replica to scrape that this agent does not (yet) supervise itself."""
 
+    # The replica's name in telemetry (unique on this host).
     name: str
+    # How to read its metrics: vllm, sglang, llamacpp or sim.
     runtime: str
+    # Its Prometheus /metrics URL (http or https).
     metrics_url: str
 
 
 class CommandKey(Section, kw_only=True, frozen=True):
+    # The key id commands name in key_id.
     id: str
+    # The file holding the secret (0600, owned by the agent's user).
     file: str
 
 
@@ -85,8 +108,12 @@ class CommandsConfig(Section, kw_only=True, frozen=True):
     # keys_dir (what `llmops keys` writes for this host). Files are read again when they change,
     # so a key added or removed during a rotation needs no restart; an entry's id stays fixed.
     keys: list[CommandKey] = []
+    # A directory of {id}.key files, each a key that may sign commands (`llmops keys` on the head
+    # node writes them).
     keys_dir: str = ""
+    # A command whose expires_at is further ahead than this is refused.
     max_lifetime_s: Positive = 600.0
+    # Clock difference tolerated between controller and agent when checking issued_at / expires_at.
     clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
 
@@ -97,16 +124,21 @@ class SupervisorConfig(Section, kw_only=True, frozen=True):
     state_dir: str = "/var/lib/llmops-agent"
     # Model artifacts by sha256; default {state_dir}/artifacts.
     cache_dir: str = ""
+    # Least recently used artifacts no replica uses are evicted to stay under this.
     cache_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 100 << 30
     # Where replicas listen; 0.0.0.0 serves the fleet (the gateway calls them).
     bind_host: str = "0.0.0.0"
     # The host name in the URLs the controller and the gateway call; default: this host's FQDN.
     advertise_host: str = ""
+    # Replicas get a free port from this range [low, high].
     port_range: tuple[Port, Port] = (20000, 29999)
     # SIGTERM to the replica's process group, then SIGKILL after this long.
     stop_grace_s: NonNegative = 30.0
+    # First delay before restarting an exited replica; doubles up to restart_backoff_max_s.
     restart_backoff_min_s: Positive = 1.0
+    # Longest delay between restarts.
     restart_backoff_max_s: Positive = 60.0
+    # A ready replica's health endpoint is probed this often.
     liveness_interval_s: Positive = 5.0
     # Consecutive failed health probes of a ready replica before it is killed and restarted.
     liveness_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
@@ -134,12 +166,16 @@ class SupervisorConfig(Section, kw_only=True, frozen=True):
 
 
 class AgentConfig(Section, kw_only=True, frozen=True):
+    # This host's name on the wire (topics llmops/v1/agents/{host}/...). Default: the short host
+    # name.
     host: str = ""
+    # Least level written to the JSON log on stdout (journald).
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     broker: BrokerConfig
     telemetry: TelemetryConfig = TelemetryConfig()
     gpus: GpusConfig = GpusConfig()
     host_metrics: HostMetricsConfig = HostMetricsConfig()
+    # Inference servers to scrape that this agent does not start itself.
     replicas: list[ReplicaTarget] = []
     commands: CommandsConfig = CommandsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()

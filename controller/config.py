@@ -24,28 +24,43 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: any free port (tests)
 
 
 class BrokerConfig(Section, kw_only=True, frozen=True):
+    # The MQTT broker's host name or address (required).
     host: str
+    # The broker's port: 1883 plain, 8883 with systemd/mosquitto-tls.conf.
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    # The controller's MQTT client id; its persistent session (subscriptions, queued telemetry) is
+    # kept under it.
     client_id: str = "llmops-controller"
+    # MQTT keep-alive; the broker declares the client gone (and publishes its Last Will) after 1.5
+    # times this.
     keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 30
     # systemd/mosquitto.acl grants the controller's rights to the user "llmops-controller".
     username: str = ""
+    # A file holding the broker password (mode 600), not the password itself.
     password_file: str = ""
     # TLS to the broker: the same keys and meaning as the agent's [broker] section.
     tls: bool = False
+    # The CA that signed the broker's certificate; empty: the system's CAs.
     ca_file: str = ""
+    # Client certificate, for a broker with require_certificate true.
     cert_file: str = ""
+    # The client certificate's private key.
     key_file: str = ""
+    # Skip the host name check (the chain is still verified); never in production.
     tls_insecure: bool = False
     # How long the broker keeps the controller's subscriptions and queues its messages while it
     # is away: a restart loses nothing, a long outage does not come back to an unbounded replay.
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 300
+    # First delay before reconnecting; doubles, with jitter, up to reconnect_max_s.
     reconnect_min_s: Positive = 0.5
+    # Longest delay between reconnect attempts (at least reconnect_min_s).
     reconnect_max_s: Positive = 10.0
 
 
 class HttpConfig(Section, kw_only=True, frozen=True):
+    # Address the API, /metrics and /healthz listen on; put a TLS proxy in front.
     host: str = "127.0.0.1"
+    # The API's port (0: any free port, for tests).
     port: Port = 8470
     # How agents reach this API (they download model artifacts from it), e.g.
     # "http://head-01.example:8470". Empty: http://{host}:{port} as bound, which only works when
@@ -74,14 +89,18 @@ class RegistryConfig(Section, kw_only=True, frozen=True):
 
 
 class CommandsConfig(Section, kw_only=True, frozen=True):
-    # Commands to agents are signed with HMAC-SHA256. key_file holds the secret shared with
-    # every agent (their commands.keys entry with the same id). In keys_dir, a host's own keys
-    # win: {keys_dir}/{host}/current names the id signed with, {keys_dir}/{host}/{id}.key holds
-    # it (`llmops keys` writes them; read on every command, so a rotation needs no restart);
-    # else a file {keys_dir}/{host}.key is that host's secret under key_id.
+    # Commands to agents are signed with HMAC-SHA256, with a host's own key from keys_dir when
+    # it has one, else with the fleet-wide key_file.
+
+    # The id commands signed with key_file carry (the agents' [[commands.keys]] id).
     key_id: str = "fleet"
+    # The fleet-wide signing secret's file (0600), shared with every agent.
     key_file: str = ""
+    # Per-host keys (`llmops keys` writes them): {keys_dir}/{host}/{id}.key,
+    # {keys_dir}/{host}/current naming the id signed with; else {keys_dir}/{host}.key under
+    # key_id. They win over key_file and are read on every command: a rotation needs no restart.
     keys_dir: str = ""
+    # A command not acted on within this long is refused as expired.
     ttl_s: Annotated[float, msgspec.Meta(ge=5, le=600)] = 120.0
 
 
@@ -108,6 +127,7 @@ class AutoscaleConfig(Section, kw_only=True, frozen=True):
 class StateConfig(Section, kw_only=True, frozen=True):
     # SQLite database (alerts, anomalies, deliveries) and detector checkpoints live here.
     dir: str = "/var/lib/llmops-controller"
+    # Detector and forecaster state is checkpointed this often (and at shutdown).
     checkpoint_interval_s: Positive = 60.0
     # Resolved alerts, finished webhook deliveries and anomaly detections older than this are
     # deleted (hourly); firing alerts and pending deliveries are kept whatever their age.
@@ -119,6 +139,8 @@ class FleetConfig(Section, kw_only=True, frozen=True):
     stale_after_intervals: Annotated[float, msgspec.Meta(ge=1)] = 3.0
     # Telemetry accepted per host per second beyond its interval (a flood is dropped, counted).
     max_messages_per_s: Positive = 20.0
+    # Messages a host may send at once above its rate (a reconnecting agent's buffered snapshots
+    # must fit).
     burst: Annotated[int, msgspec.Meta(ge=1)] = 200
     # A host offline this long is forgotten: its state, its detectors (they would start afresh
     # if it came back) and its metrics series. Its alerts and their history stay in SQLite.
@@ -126,6 +148,7 @@ class FleetConfig(Section, kw_only=True, frozen=True):
 
 
 class DetectionConfig(Section, kw_only=True, frozen=True):
+    # Run the online anomaly detectors on every series.
     enabled: bool = True
     # Samples are scored in batches this often (vectorised across every series).
     batch_interval_s: Positive = 1.0
@@ -138,35 +161,45 @@ class DetectionConfig(Section, kw_only=True, frozen=True):
 
 
 class RulesConfig(Section, kw_only=True, frozen=True):
+    # A GPU hotter than this raises gpu_temperature_high.
     gpu_temperature_max_c: float = 85.0
     # Thermal or power throttling active this long (seconds of telemetry) raises an alert.
     throttle_sustained_s: NonNegative = 30.0
+    # XID errors that raise gpu_xid (critical) and keep the GPU out of placement.
     critical_xids: frozenset[int] = CRITICAL_XIDS
     # An XID alert stays firing this long after the last XID of its kind on that GPU.
     xid_hold_s: Positive = 600.0
+    # This many restarts within replica_restarts_window_s raise replica_restarting.
     replica_restarts_max: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # The window replica_restarts_max counts in.
     replica_restarts_window_s: Positive = 600.0
     # Replica alerts (rules and anomalies) are silenced this long after a replica (re)starts.
     replica_startup_grace_s: NonNegative = 120.0
 
 
 class WebhookConfig(Section, kw_only=True, frozen=True):
+    # The receiver's URL (http or https).
     url: str
     # "webhook": Alertmanager's webhook_config payload (version 4), what receivers built for
     # Alertmanager accept. "alertmanager": POST to an Alertmanager's /api/v2/alerts.
     format: Literal["webhook", "alertmanager"] = "webhook"
+    # Per delivery attempt.
     timeout_s: Positive = 5.0
+    # First retry delay of a failed delivery; doubles up to retry_max_s.
     retry_min_s: Positive = 1.0
+    # Longest delay between retries (at least retry_min_s).
     retry_max_s: Positive = 300.0
 
 
 class AlertsConfig(Section, kw_only=True, frozen=True):
+    # Receivers of every alert firing and resolving.
     webhooks: list[WebhookConfig] = []
     # Where the alerts' generatorURL and the webhook's externalURL point (the dashboard).
     external_url: str = ""
 
 
 class ControllerConfig(Section, kw_only=True, frozen=True):
+    # Least level written to the JSON log on stdout (journald).
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     broker: BrokerConfig
     http: HttpConfig = HttpConfig()

@@ -47,6 +47,8 @@ class Op:
     params: tuple[Param, ...] = ()
     # media type -> schema of the request body
     body: dict[str, dict[str, Any]] | None = None
+    # False where the route also accepts no body at all.
+    body_required: bool = True
     # status -> (description, media type or "", schema or None)
     responses: dict[str, tuple[str, str, dict[str, Any] | None]] = field(default_factory=dict)
 
@@ -172,6 +174,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                 Param("description", "Free text."),
                 Param("tag", "key=value; repeat for several.")),
         body={"application/octet-stream": {"type": "string", "format": "binary"}},
+        body_required=False,  # none with source_uri: a reference only
         responses={"201": ("The new version (Location: its URL).", _JSON, _OBJECT),
                    "400": ("A bad parameter.", _JSON, _ref("Error")),
                    "413": ("Over `[registry] max_upload_bytes`.", _JSON, _ref("Error"))}),
@@ -236,7 +239,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "Roll back", "To the version before, or to `version` (name@N).", "deployments",
         body={_JSON: {"type": "object", "additionalProperties": False,
                       "properties": {"version": {"type": ["string", "null"]}}}},
-        responses=_ok("The deployment.")),
+        body_required=False, responses=_ok("The deployment.")),
     ("GET", "/api/v1/deployments/{name}/endpoints"): Op(
         "Ready replica URLs", "What the gateway routes to; draining replicas leave this list "
         "first.", "deployments", responses=_ok("`{endpoints: [...]}`.")),
@@ -309,7 +312,7 @@ def _operation(method: str, pattern: str) -> dict[str, Any]:
                                             f"`{role}`.", "content": {_JSON: {
                                                 "schema": _ref("Error")}}})
     if op.body is not None:
-        out["requestBody"] = {"required": True, "content": {
+        out["requestBody"] = {"required": op.body_required, "content": {
             media: {"schema": schema} for media, schema in op.body.items()}}
     return out
 

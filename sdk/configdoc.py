@@ -4,8 +4,9 @@ Keys, types, defaults and constraints come from the frozen msgspec structs the d
 (:class:`~llm_ops_helper.agent.config.AgentConfig`,
 :class:`~llm_ops_helper.controller.config.ControllerConfig`,
 :class:`~llm_ops_helper.controller.gateway.config.GatewayConfig`), so the page cannot drift from
-the code. A key's description is the comment written above it (or after it) in its class, else
-the entry of :data:`DOCS`; a key with neither is an error, so a new key cannot land undocumented.
+the code. A key's description is the comment written above it (or after it) in its class (the
+few fields of classes outside the config modules are described in :data:`DOCS`); a key without
+one is an error, so a new key cannot land undocumented.
 
     python -m llm_ops_helper.configdoc --write docs/config.md   # regenerate
     python -m llm_ops_helper.configdoc --check docs/config.md   # exit 1 when it is stale
@@ -38,135 +39,11 @@ REGENERATE = "python -m llm_ops_helper.configdoc --write docs/config.md"
 # Fields load() fills in, never read from the file.
 INTERNAL = frozenset({"source", "controller_token"})
 
-# "daemon:dotted.key" (or "dotted.key" for every daemon) -> description. An entry here wins over
-# the field's comment; a key with neither is an error. Arrays of tables are written without an
-# index ("replicas.name"), named tables with NAME ("guards.NAME.injection").
+# Descriptions for the fields of a class outside the daemons' config modules, which this
+# generator cannot ask to carry comments: "daemon:dotted.key", named tables as
+# "guards.NAME.key". Anything in CONFIG_MODULES is described by the comment on its field, and an
+# entry here naming one of those is an error, so a description lives in one place only.
 DOCS: dict[str, str] = {
-    # agent
-    "agent:host": "This host's name on the wire (topics llmops/v1/agents/{host}/...). "
-                  "Default: the short host name.",
-    "agent:log_level": "Least level written to the JSON log on stdout (journald).",
-    "agent:replicas": "Inference servers to scrape that this agent does not start "
-                      "itself.",
-    "broker.host": "The MQTT broker's host name or address (required).",
-    "broker.port": "The broker's port: 1883 plain, 8883 with "
-                   "systemd/mosquitto-tls.conf.",
-    "broker.keepalive_s": "MQTT keep-alive; the broker declares the client gone "
-                          "(and publishes its Last Will) after 1.5 times this.",
-    "broker.password_file": "A file holding the broker password (mode 600), not the "
-                            "password itself.",
-    "broker.reconnect_min_s": "First delay before reconnecting; doubles, with "
-                              "jitter, up to reconnect_max_s.",
-    "broker.reconnect_max_s": "Longest delay between reconnect attempts (at least "
-                              "reconnect_min_s).",
-    "broker.ca_file": "The CA that signed the broker's certificate; empty: the "
-                      "system's CAs.",
-    "broker.cert_file": "Client certificate, for a broker with "
-                        "require_certificate true.",
-    "broker.key_file": "The client certificate's private key.",
-    "broker.tls_insecure": "Skip the host name check (the chain is still verified); "
-                           "never in production.",
-    "broker.client_id": "The controller's MQTT client id; its persistent session "
-                        "(subscriptions, queued telemetry) is kept under it.",
-    "agent:telemetry.interval_s": "One telemetry snapshot is published this often.",
-    "agent:telemetry.qos": "MQTT QoS of telemetry: 1 survives a broker hiccup, 0 is "
-                           "cheaper.",
-    "agent:gpus.backend": "auto: NVML when an NVIDIA driver is present, simulated GPUs "
-                          "otherwise; none: no GPU collector.",
-    "agent:gpus.simulated_count": "How many GPUs the simulated backend reports.",
-    "agent:gpus.simulated_profile": "Board the simulated GPUs imitate: a100-sxm4-80gb, a10g, "
-                                    "t4, rtx-4000-sff-ada, h100-sxm5-80gb, h200-sxm-141gb.",
-    "agent:gpus.scenario": "A fault scenario for simulated GPUs "
-                           "(systemd/scenario.example.toml), relative to this file.",
-    "agent:host_metrics.enabled": "Sample host CPU, memory, load, disk and network.",
-    "agent:host_metrics.disk_path": "The filesystem whose usage is reported.",
-    "agent:replicas.name": "The replica's name in telemetry (unique on this host).",
-    "agent:replicas.runtime": "How to read its metrics: vllm, sglang, llamacpp or sim.",
-    "agent:replicas.metrics_url": "Its Prometheus /metrics URL (http or https).",
-    "agent:commands.keys.id": "The key id commands name in key_id.",
-    "agent:commands.keys.file": "The file holding the secret (0600, owned by the agent's user).",
-    "agent:commands.keys_dir": "A directory of {id}.key files, each a key that may sign "
-                               "commands (`llmops keys` on the head node writes them).",
-    "agent:commands.max_lifetime_s": "A command whose expires_at is further ahead than "
-                                     "this is refused.",
-    "agent:commands.clock_skew_s": "Clock difference tolerated between controller and "
-                                   "agent when checking issued_at / expires_at.",
-    "agent:supervisor.cache_max_bytes": "Least recently used artifacts no replica uses "
-                                        "are evicted to stay under this.",
-    "agent:supervisor.port_range": "Replicas get a free port from this range [low, high].",
-    "agent:supervisor.restart_backoff_min_s": "First delay before restarting an exited "
-                                              "replica; doubles up to "
-                                              "restart_backoff_max_s.",
-    "agent:supervisor.restart_backoff_max_s": "Longest delay between restarts.",
-    "agent:supervisor.liveness_interval_s": "A ready replica's health endpoint is probed "
-                                            "this often.",
-    # controller
-    "controller:log_level": "Least level written to the JSON log on stdout "
-                            "(journald).",
-    "controller:http.host": "Address the API, /metrics and /healthz listen on; put a TLS proxy "
-                            "in front.",
-    "controller:http.port": "The API's port (0: any free port, for tests).",
-    "controller:state.checkpoint_interval_s": "Detector and forecaster state is checkpointed "
-                                              "this often (and at shutdown).",
-    "controller:fleet.burst": "Messages a host may send at once above its rate (a "
-                              "reconnecting agent's buffered snapshots must fit).",
-    "controller:detection.enabled": "Run the online anomaly detectors on every series.",
-    "controller:rules.gpu_temperature_max_c": "A GPU hotter than this raises "
-                                              "gpu_temperature_high.",
-    "controller:rules.critical_xids": "XID errors that raise gpu_xid (critical) and keep the "
-                                      "GPU out of placement.",
-    "controller:rules.replica_restarts_max": "This many restarts within "
-                                             "replica_restarts_window_s raise "
-                                             "replica_restarting.",
-    "controller:rules.replica_restarts_window_s": "The window replica_restarts_max counts in.",
-    "controller:alerts.webhooks.url": "The receiver's URL (http or https).",
-    "controller:alerts.webhooks.timeout_s": "Per delivery attempt.",
-    "controller:alerts.webhooks.retry_min_s": "First retry delay of a failed delivery; "
-                                              "doubles up to retry_max_s.",
-    "controller:alerts.webhooks.retry_max_s": "Longest delay between retries (at least "
-                                              "retry_min_s).",
-    "controller:alerts.webhooks": "Receivers of every alert firing and resolving.",
-    "controller:commands.key_id": "The id commands signed with key_file carry (the agents' "
-                                  "[[commands.keys]] id).",
-    "controller:commands.keys_dir": "Per-host keys (`llmops keys` writes them): "
-                                    "{keys_dir}/{host}/{id}.key, {keys_dir}/{host}/current "
-                                    "naming the id signed with; they win over key_file.",
-    "controller:commands.key_file": "The fleet-wide signing secret's file (0600).",
-    "controller:commands.ttl_s": "A command not acted on within this long is refused as "
-                                 "expired.",
-    # gateway
-    "gateway:log_level": "Least level written to the JSON log (debug, info, "
-                         "warning, error).",
-    "gateway:keys": "API keys the gateway accepts.",
-    "gateway:guards": "Guard profiles, [guards.NAME], that keys name.",
-    "gateway:http.host": "Address the gateway listens on.",
-    "gateway:http.port": "The gateway's port (0: any free port).",
-    "gateway:controller.url": "The controller API the gateway reads deployments and replicas "
-                              "from (required).",
-    "gateway:controller.token_file": "A file holding a controller API token (viewer is enough).",
-    "gateway:controller.refresh_s": "How often deployments and their ready replicas are re-read.",
-    "gateway:limits.max_body_bytes": "Larger request bodies are refused with 413.",
-    "gateway:limits.hold_s": "A request waits this long for a ready replica (scale from zero) "
-                             "before 503.",
-    "gateway:limits.connect_timeout_s": "A replica that does not accept in time is passed over "
-                                        "for another.",
-    "gateway:limits.suspect_s": "A replica that refused a connection is passed over this long.",
-    "gateway:state.dir": "Where usage.sqlite (requests and tokens per hour, key and model) lives "
-                         "(required).",
-    "gateway:state.flush_s": "Usage counters are written to SQLite this often.",
-    "gateway:keys.name": "The key's name in usage, metrics and logs (1-100 of A-Z a-z 0-9 "
-                         "_ . @ : -).",
-    "gateway:keys.sha256": "SHA-256 (hex) of the API key: `printf %s \"$KEY\" | sha256sum`; "
-                           "the key itself is never stored.",
-    "gateway:keys.models": "Deployment names (or name@N) the key may call; \"*\": all.",
-    "gateway:keys.rpm": "Requests per minute (token bucket; 429 with Retry-After); unset: "
-                        "no limit.",
-    "gateway:keys.tpm": "Tokens per minute: prompt estimate + max_tokens, settled after.",
-    "gateway:keys.max_prompt_tokens": "Larger prompts are refused with 400.",
-    "gateway:keys.max_completion_tokens": "Larger max_tokens are refused with 400; a request "
-                                          "without one gets this.",
-    "gateway:keys.guards": "A guard profile's name, or an inline table of guard keys; unset: "
-                           "no guards.",
     "gateway:guards.NAME.max_request_chars": "Input (all message text together) longer than "
                                              "this is blocked.",
     "gateway:guards.NAME.injection_threshold": "Injection score that blocks; unset: the "
@@ -184,6 +61,9 @@ DOCS: dict[str, str] = {
                                          "ones too.",
     "gateway:guards.NAME.redact_kinds": "Which kinds of data output redaction replaces.",
 }
+# Modules whose config fields carry their own descriptions as comments.
+CONFIG_MODULES = frozenset({AgentConfig.__module__, ControllerConfig.__module__,
+                            GatewayConfig.__module__})
 
 
 @dataclass(frozen=True)
@@ -311,6 +191,7 @@ def tables(daemon: str, root: type[msgspec.Struct]) -> list[Table]:
     Raises ValueError naming every key that has no description."""
     out: list[Table] = []
     missing: list[str] = []
+    misplaced: list[str] = []
 
     def walk(cls: type[msgspec.Struct], header: str, prefix: str) -> None:
         hints = typing.get_type_hints(cls, include_extras=True)
@@ -327,8 +208,10 @@ def tables(daemon: str, root: type[msgspec.Struct]) -> list[Table]:
             if struct is not None and not struct[1]:
                 nested.append((struct[0], f"[{dotted}]", f"{dotted}."))
                 continue
-            doc = (DOCS.get(f"{daemon}:{dotted}") or DOCS.get(dotted)
-                   or comments.get(field.name, ""))
+            entry = DOCS.get(f"{daemon}:{dotted}")
+            if entry is not None and cls.__module__ in CONFIG_MODULES:
+                misplaced.append(f"{daemon}:{dotted} ({cls.__name__}.{field.name})")
+            doc = entry or comments.get(field.name, "")
             if not doc:
                 missing.append(f"{daemon}:{dotted} ({cls.__name__}.{field.name})")
             if struct is not None:
@@ -346,8 +229,11 @@ def tables(daemon: str, root: type[msgspec.Struct]) -> list[Table]:
 
     walk(root, "(top level)", "")
     if missing:
-        raise ValueError("config keys without a description (comment the field in its class "
-                         "or add it to llm_ops_helper.configdoc.DOCS): " + ", ".join(missing))
+        raise ValueError("config keys without a description (comment the field in its "
+                         "class): " + ", ".join(missing))
+    if misplaced:
+        raise ValueError("llm_ops_helper.configdoc.DOCS describes fields that carry their own "
+                         "comments (move the text there): " + ", ".join(misplaced))
     return out
 
 

@@ -5,7 +5,8 @@ A log call is ``<logger>.<level>("event_name", key=value, **more)`` on a logger 
 An event name that is not a literal is followed as far as the source allows: a conditional
 (``"a" if x else "b"``), a local variable assigned such values, or a parameter of the enclosing
 function, in which case every call of that function (a helper such as ``Ledger.event``)
-supplies the name, the level and the extra fields. Code in the shared library (``sdk/``,
+supplies the name, the level and the extra fields (which calls those are:
+:mod:`llm_ops_helper.eventhelpers`). Code in the shared library (``sdk/``,
 ``proto/``) is attributed to the daemons whose modules call it. Whatever cannot be resolved is
 reported, not guessed.
 
@@ -20,6 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llm_ops_helper
+from llm_ops_helper.eventhelpers import (
+    Helper,
+    Param,
+    Template,
+    calls_of,
+    fill,
+    helper_of,
+    param_names,
+    resolve,
+    text,
+)
 
 # Level method -> the ``level`` value structlog's add_log_level writes.
 LEVEL_METHODS = {"debug": "debug", "info": "info", "msg": "info", "warning": "warning",
@@ -30,15 +42,6 @@ RENAMED_FIELDS = {"exc_info": "exception", "stack_info": "stack"}
 # Modules under these prefixes are library code: their events belong to whoever calls them.
 SHARED_PREFIXES = ("proto.",)
 DAEMON_PACKAGES = ("agent", "controller")
-
-
-@dataclass(frozen=True)
-class Param:
-    """A template part that is a parameter of a helper function."""
-    name: str
-
-
-Template = tuple[str | Param, ...]
 
 
 @dataclass
@@ -68,21 +71,6 @@ class Catalogue:
         for e in sorted(self.events, key=lambda e: (daemon_order(e.daemon), e.name)):
             out.setdefault(e.daemon, []).append(e)
         return out
-
-
-@dataclass
-class _Helper:
-    """A function whose log call takes its event name or level from the function's callers."""
-    module: str
-    name: str
-    params: list[str]           # positional-or-keyword, ``self`` dropped for methods
-    defaults: dict[str, ast.expr]
-    kwargs: str | None          # the ``**name`` parameter, if any
-    events: list[Template]
-    levels: list[Template]
-    fields: set[str]
-    passes_kwargs: bool         # the helper's ``**kwargs`` go into the log call
-    line: int
 
 
 def daemon_of(module: str) -> str:
@@ -164,74 +152,6 @@ def _functions(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> list[ast.AST]:
     return out
 
 
-def _param_names(fn: ast.AST) -> set[str]:
-    if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-        return set()
-    a = fn.args
-    names = {p.arg for p in [*a.posonlyargs, *a.args, *a.kwonlyargs]}
-    if a.vararg:
-        names.add(a.vararg.arg)
-    if a.kwarg:
-        names.add(a.kwarg.arg)
-    return names
-
-
-def _resolve(expr: ast.expr, scopes: list[ast.AST], depth: int = 0) -> list[Template] | None:
-    """The strings ``expr`` can be, as templates over the enclosing functions' parameters."""
-    if depth > 8:
-        return None
-    if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
-        return [(expr.value,)]
-    if isinstance(expr, ast.IfExp):
-        a, b = _resolve(expr.body, scopes, depth + 1), _resolve(expr.orelse, scopes, depth + 1)
-        return None if a is None or b is None else a + b
-    if isinstance(expr, ast.JoinedStr):
-        out: list[Template] = [()]
-        for part in expr.values:
-            if isinstance(part, ast.FormattedValue):
-                if part.format_spec is not None or part.conversion != -1:
-                    return None
-                options = _resolve(part.value, scopes, depth + 1)
-            else:
-                options = _resolve(part, scopes, depth + 1)
-            if options is None:
-                return None
-            out = [t + o for t in out for o in options]
-        return out
-    if isinstance(expr, ast.Name):
-        for fn in scopes:
-            assigned = [n.value for n in ast.walk(fn) if isinstance(n, ast.Assign)
-                        and any(isinstance(t, ast.Name) and t.id == expr.id for t in n.targets)]
-            if assigned:
-                found: list[Template] = []
-                for value in assigned:
-                    options = _resolve(value, scopes, depth + 1)
-                    if options is None:
-                        return None
-                    found += options
-                return found
-            if expr.id in _param_names(fn):
-                return [(Param(expr.id),)]
-    return None
-
-
-def _fill(t: Template, values: dict[str, list[Template]]) -> list[Template] | None:
-    out: list[Template] = [()]
-    for part in t:
-        if isinstance(part, Param):
-            if part.name not in values:
-                return None
-            out = [a + b for a in out for b in values[part.name]]
-        else:
-            out = [(*a, part) for a in out]
-    return out
-
-
-def _text(t: Template) -> str | None:
-    parts = [p for p in t if isinstance(p, str)]
-    return "".join(parts) if len(parts) == len(t) else None
-
-
 @dataclass
 class _Site:
     """One log call, its event and level still templates."""
@@ -271,15 +191,15 @@ def _log_calls(module: str, tree: ast.Module,
             continue
         scopes = _functions(node, parents)
         if level_expr is not None:
-            resolved = _resolve(level_expr, scopes)
+            resolved = resolve(level_expr, scopes)
             if resolved is None:
                 unresolved.append(Unresolved(module, node.lineno, "level is not static"))
                 continue
-            level = [(LEVEL_METHODS.get(name, name),) if (name := _text(t)) else t
+            level = [(LEVEL_METHODS.get(name, name),) if (name := text(t)) else t
                      for t in resolved]
         event_expr = node.args[0] if node.args else next(
             (k.value for k in node.keywords if k.arg == "event"), None)
-        events = None if event_expr is None else _resolve(event_expr, scopes)
+        events = None if event_expr is None else resolve(event_expr, scopes)
         if events is None:
             unresolved.append(Unresolved(module, node.lineno, "event name is not static"))
             continue
@@ -296,7 +216,7 @@ def _log_calls(module: str, tree: ast.Module,
                 else:
                     fields |= keys
         params = {p.name for t in events + level for p in t if isinstance(p, Param)}
-        owner = next((fn for fn in scopes if params & _param_names(fn)), None)
+        owner = next((fn for fn in scopes if params & param_names(fn)), None)
         yield _Site(module, node.lineno, events, level, fields, splat,
                     scopes[-1] if scopes else None, owner)
 
@@ -320,53 +240,18 @@ def _dict_keys(expr: ast.expr, scopes: list[ast.AST]) -> set[str] | None:
     return None
 
 
-def _helper_of(site: _Site, fn: ast.AST) -> _Helper | None:
-    if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
-        return None
-    a = fn.args
-    params = [p.arg for p in [*a.posonlyargs, *a.args]]
-    if params and params[0] in ("self", "cls"):
-        params = params[1:]
-    positional_defaults = dict(zip(reversed([p.arg for p in [*a.posonlyargs, *a.args]]),
-                                   reversed(a.defaults), strict=False))
-    keyword_defaults = {p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)
-                        if d is not None}
-    kwargs = a.kwarg.arg if a.kwarg else None
-    return _Helper(site.module, fn.name, params + [p.arg for p in a.kwonlyargs],
-                   {**positional_defaults, **keyword_defaults}, kwargs, site.events,
-                   site.levels, site.fields | {f"**{x}" for x in site.splat if x != kwargs},
-                   kwargs is not None and kwargs in site.splat, site.line)
-
-
-def _bind(helper: _Helper, call: ast.Call, positional: int) -> dict[str, ast.expr] | None:
-    """Arguments of ``call`` by parameter name, or None if it cannot be a call of ``helper``."""
-    if any(isinstance(a, ast.Starred) for a in call.args) or len(call.args) > positional:
-        return None
-    bound = dict(zip(helper.params, call.args, strict=False))
-    for k in call.keywords:
-        if k.arg is None:
-            return None
-        if k.arg in helper.params:
-            bound[k.arg] = k.value
-        elif helper.kwargs is None:
-            return None
-    for name in helper.params:
-        if name not in bound:
-            if name not in helper.defaults:
-                return None
-            bound[name] = helper.defaults[name]
-    return bound
-
-
 # -- the whole package ----------------------------------------------------------------------
 
 def scan(root: Path | None = None) -> Catalogue:
     unresolved: list[Unresolved] = []
     trees: dict[str, ast.Module] = {}
+    packages: set[str] = set()
     sites: list[_Site] = []
     for module, path in package_sources(root):
         tree = ast.parse(path.read_text(), str(path))
         trees[module] = tree
+        if path.name == "__init__.py":
+            packages.add(module)
         sites += _log_calls(module, tree, unresolved)
 
     events: dict[tuple[str, str], Event] = {}
@@ -380,10 +265,11 @@ def scan(root: Path | None = None) -> Catalogue:
         if via:
             e.via.add(via)
 
-    helpers: list[_Helper] = []
+    helpers: list[Helper] = []
     for s in sites:
         fn = s.owner or (s.outer if is_shared(s.module) else None)
-        helper = _helper_of(s, fn) if fn is not None else None
+        helper = None if fn is None else helper_of(s.module, trees[s.module], fn, s.line,
+                                                   s.events, s.levels, s.fields, s.splat)
         if helper is not None:
             helpers.append(helper)
             continue
@@ -392,46 +278,34 @@ def scan(root: Path | None = None) -> Catalogue:
                                                            "function that is not a def"))
             continue
         for t in s.events:
-            add(daemon_of(s.module), _text(t) or "?", [_text(lv) or "?" for lv in s.levels],
+            add(daemon_of(s.module), text(t) or "?", [text(lv) or "?" for lv in s.levels],
                 s.fields | {f"**{x}" for x in s.splat}, s.module, None)
 
     for h in helpers:
         used = False
-        for module, tree in trees.items():
-            for call in ast.walk(tree):
-                if not isinstance(call, ast.Call):
-                    continue
-                f = call.func
-                called = f.id if isinstance(f, ast.Name) else \
-                    f.attr if isinstance(f, ast.Attribute) else None
-                if called != h.name or (module == h.module and call.lineno == h.line):
-                    continue
-                args = _bind(h, call, len(h.params))
-                if args is None:
-                    continue
-                values = {}
-                for name, expr in args.items():
-                    resolved = _resolve(expr, [])
-                    if resolved is not None:
-                        values[name] = resolved
-                names = [_text(x) or "" for t in h.events for x in _fill(t, values) or [()]]
-                levels = [_text(x) or "" for t in h.levels for x in _fill(t, values) or [()]]
-                if not all(names) or not all(levels):
-                    unresolved.append(Unresolved(module, call.lineno,
-                                                 f"call of {h.name} with a non-static event"))
-                    continue
-                used = True
-                extra = {k.arg for k in call.keywords if k.arg and k.arg not in h.params} \
-                    if h.passes_kwargs else set()
-                fields = h.fields | extra
-                for name in names:
-                    add(daemon_of(module), name, [LEVEL_METHODS.get(lv, lv) for lv in levels],
-                        fields, module, h.module)
+        for module, call, args in calls_of(h, trees, packages):
+            values = {}
+            for name, expr in args.items():
+                resolved = resolve(expr, [])
+                if resolved is not None:
+                    values[name] = resolved
+            names = [text(x) or "" for t in h.events for x in fill(t, values) or [()]]
+            levels = [text(x) or "" for t in h.levels for x in fill(t, values) or [()]]
+            if not all(names) or not all(levels):
+                unresolved.append(Unresolved(module, call.lineno,
+                                             f"call of {h.name} with a non-static event"))
+                continue
+            used = True
+            extra = {k.arg for k in call.keywords if k.arg and k.arg not in h.params} \
+                if h.passes_kwargs else set()
+            for name in names:
+                add(daemon_of(module), name, [LEVEL_METHODS.get(lv, lv) for lv in levels],
+                    h.fields | extra, module, h.module)
         if not used:
-            if all(_text(t) for t in h.events + h.levels):  # shared code nobody here calls
+            if all(text(t) for t in h.events + h.levels):  # shared code nobody here calls
                 for t in h.events:
-                    add(daemon_of(h.module), _text(t) or "?",
-                        [_text(lv) or "?" for lv in h.levels], h.fields, h.module, None)
+                    add(daemon_of(h.module), text(t) or "?",
+                        [text(lv) or "?" for lv in h.levels], h.fields, h.module, None)
             else:
                 unresolved.append(Unresolved(h.module, h.line,
                                              f"{h.name} is never called with a static event"))

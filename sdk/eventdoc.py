@@ -9,6 +9,7 @@ source emits has no description here, when one here is no longer emitted, and wh
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import sys
 from pathlib import Path
@@ -106,7 +107,8 @@ DESCRIPTIONS: dict[str, str] = {
     "alerts_restored": "Alerts still firing when the controller last stopped, loaded again.",
     "anomaly_detected": "An anomaly detector flagged a telemetry series (`score`, `value` "
                         "against `expected`).",
-    "api_call": "One HTTP API call (the audit log): who, what, and the status.",
+    "api_call": "A mutating HTTP API call (POST, PUT, PATCH, DELETE), refused ones too, as "
+                "written to the audit log: who, what, and the status; reads are not logged.",
     "audit_write_failed": "An API call could not be written to the audit table.",
     "autoscale_checkpoint_unreadable": "The autoscaler's saved state could not be read; it "
                                        "starts fresh.",
@@ -231,6 +233,11 @@ def markdown(catalogue: Catalogue) -> str:
         "--level warning`, or `llmops logs -u llmops-controller -f --deployment chat`. Times "
         "are shown in UTC, as the lines carry them. `llmops logs --catalogue` prints this list.",
         "",
+        "The journal shows a system service's lines only to root and to members of the "
+        "`systemd-journal` (or `adm`) group: join it (`sudo usermod -aG systemd-journal "
+        "\"$USER\"`, then log in again) or run `sudo journalctl -o cat -u llmops-agent | "
+        "llmops logs`.",
+        "",
         "This list is read from the source (`llm_ops_helper.eventcatalogue`), so it "
         "cannot drift: a test fails when an event has no description or this file is stale.",
         "",
@@ -271,12 +278,16 @@ def text(catalogue: Catalogue, globs: list[str] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Write the Markdown catalogue to the file named, or to standard output."""
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m llm_ops_helper.eventdoc",
+                                     description="Generate docs/events.md from the source.")
+    parser.add_argument("file", nargs="?", default="-",
+                        help="where to write it (default: standard output)")
+    args = parser.parse_args(argv)
     document = markdown(scan())
-    if not argv or argv[0] == "-":
+    if args.file == "-":
         sys.stdout.write(document)
     else:
-        Path(argv[0]).write_text(document)
+        Path(args.file).write_text(document)
     return 0
 
 

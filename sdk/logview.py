@@ -29,10 +29,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 ALIASES = {"warn": "warning", "exception": "error", "fatal": "critical", "notset": "debug"}
@@ -156,21 +156,67 @@ def journal_command(units: list[str], follow: bool) -> list[str]:
     return command
 
 
-def follow_files(files: Sequence[TextIO]) -> Iterator[str]:
-    """``tail -f`` over open files: what they hold, then what is appended, line by line."""
-    partial = ["" for _ in files]
-    while True:
-        got = False
-        for n, handle in enumerate(files):
-            while chunk := handle.readline():
-                got = True
-                if not chunk.endswith("\n"):  # the writer is mid-line: wait for the rest
-                    partial[n] += chunk
-                    break
-                yield partial[n] + chunk
-                partial[n] = ""
-        if not got:
-            time.sleep(FOLLOW_POLL_S)
+def after_rest(opened: os.stat_result, position: int, now: os.stat_result | None) -> str | None:
+    """What ``tail -F`` does once an open file has nothing more to read: ``"reopen"`` when its
+    path now names another file (rotated: the old one is read to its end first), ``"rewind"``
+    when the file shrank below what was read (truncated, as copytruncate does), else None (wait;
+    also while a rotated path has no file yet)."""
+    if now is None:
+        return None
+    if (now.st_ino, now.st_dev) != (opened.st_ino, opened.st_dev):
+        return "reopen"
+    return "rewind" if now.st_size < position else None
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def follow_files(paths: Sequence[str]) -> Generator[str, None, None]:
+    """``tail -F`` over files: what they hold, then what is appended, line by line, across
+    rotation and truncation."""
+    handles = [open(p, "rb") for p in paths]  # noqa: SIM115 (closed below, or replaced)
+    partial = [b"" for _ in paths]
+    try:
+        while True:
+            got = False
+            for n, path in enumerate(paths):
+                while chunk := handles[n].readline():
+                    got = True
+                    if not chunk.endswith(b"\n"):  # the writer is mid-line: wait for the rest
+                        partial[n] += chunk
+                        break
+                    yield (partial[n] + chunk).decode(errors="replace")
+                    partial[n] = b""
+                else:
+                    handle = handles[n]
+                    action = after_rest(os.fstat(handle.fileno()), handle.tell(), _stat(path))
+                    if action is None:
+                        continue
+                    if partial[n]:  # the writer left it unfinished: show what there is
+                        yield partial[n].decode(errors="replace") + "\n"
+                        partial[n] = b""
+                    if action == "rewind":
+                        handle.seek(0)
+                    else:
+                        with contextlib.suppress(OSError):  # gone again: try next round
+                            handles[n] = open(path, "rb")  # noqa: SIM115
+                            handle.close()
+                    got = True
+            if not got:
+                time.sleep(FOLLOW_POLL_S)
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def _stdin_lines() -> Iterator[str]:
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="replace")
+    return iter(sys.stdin.readline, "")
 
 
 @contextlib.contextmanager
@@ -190,16 +236,20 @@ def opened(args: argparse.Namespace, status: list[int]) -> Iterator[Iterator[str
             status.append(process.wait())
         return
     if not args.files or args.files == ["-"]:
-        if isinstance(sys.stdin, io.TextIOWrapper):
-            sys.stdin.reconfigure(errors="replace")
-        yield iter(sys.stdin.readline, "")
+        yield _stdin_lines()
+        return
+    if args.follow:  # problem() has refused "-" among the files
+        lines = follow_files(args.files)
+        try:
+            yield lines
+        finally:
+            lines.close()
         return
     with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(open(p, errors="replace")) for p in args.files]
-        if args.follow:
-            yield follow_files(handles)
-        else:
-            yield (line for handle in handles for line in iter(handle.readline, ""))
+        sources = [_stdin_lines() if p == "-" else
+                   iter(stack.enter_context(open(p, errors="replace")).readline, "")
+                   for p in args.files]
+        yield (line for source in sources for line in source)
 
 
 def problem(args: argparse.Namespace) -> str | None:
@@ -213,6 +263,8 @@ def problem(args: argparse.Namespace) -> str | None:
                 "pipe the logs in instead: llmops logs < FILE")
     if not args.unit and not args.files and sys.stdin.isatty():
         return "nothing to read: give log FILEs, --unit UNIT, or pipe lines in"
+    if args.follow and "-" in args.files and args.files != ["-"]:
+        return "-f cannot follow standard input beside files: give one or the other"
     for path in args.files:
         if path != "-" and not os.path.isfile(path):
             return f"{path}: no such file"

@@ -59,38 +59,58 @@ _NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,100}$")
 
 
 class Http(Section, kw_only=True, frozen=True):
+    # Address the gateway listens on.
     host: str = "127.0.0.1"
+    # The gateway's port (0: any free port).
     port: Port = 8080
 
 
 class Controller(Section, kw_only=True, frozen=True):
+    # The controller API the gateway reads deployments and replicas from, http://HEAD:8470
+    # (the controller's http.port; required).
     url: str
+    # A file holding a controller API token (viewer is enough).
     token_file: str | None = None
+    # How often deployments and their ready replicas are re-read.
     refresh_s: Positive = 2.0
 
 
 class Limits(Section, kw_only=True, frozen=True):
+    # Larger request bodies are refused with 413.
     max_body_bytes: PositiveInt = 1_048_576
+    # A request waits this long for a ready replica (scale from zero) before 503.
     hold_s: NonNegative = 30.0
+    # A replica that does not accept in time is passed over for another.
     connect_timeout_s: Positive = 2.0
     # Between two chunks of a backend's answer; past this the stream ends with an error event.
     read_timeout_s: Positive = 120.0
+    # A replica that refused a connection is passed over this long.
     suspect_s: Positive = 5.0
 
 
 class State(Section, kw_only=True, frozen=True):
+    # Where usage.sqlite (requests and tokens per hour, key and model) lives (required).
     dir: str
+    # Usage counters are written to SQLite this often.
     flush_s: Positive = 1.0
 
 
 class KeyConfig(Section, kw_only=True, frozen=True):
+    # The key's name in usage, metrics and logs (1-100 of A-Z a-z 0-9 _ . @ : -).
     name: str
+    # SHA-256 (hex) of the API key: `printf %s "$KEY" | sha256sum`; the key itself is never stored.
     sha256: Sha256
+    # Deployment names (or name@N) the key may call; "*": all.
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    # Requests per minute (token bucket; 429 with Retry-After); unset: no limit.
     rpm: PositiveInt | None = None
+    # Tokens per minute: prompt estimate + max_tokens, settled after.
     tpm: PositiveInt | None = None
+    # Larger prompts are refused with 400.
     max_prompt_tokens: PositiveInt | None = None
+    # Larger max_tokens are refused with 400; a request without one gets this.
     max_completion_tokens: PositiveInt | None = None
+    # A guard profile's name, or an inline table of guard keys; unset: no guards.
     guards: str | dict[str, Any] | None = None
 
     def allows(self, model: str) -> bool:
@@ -102,8 +122,11 @@ class GatewayConfig(Section, kw_only=True, frozen=True):
     state: State
     http: Http = Http()
     limits: Limits = Limits()
+    # API keys the gateway accepts.
     keys: list[KeyConfig] = msgspec.field(default_factory=list)
+    # Guard profiles, [guards.NAME], that keys name.
     guards: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    # Least level written to the JSON log (debug, info, warning, error).
     log_level: str = "info"
     # Filled by load(): the controller token read from its file; the config's directory.
     controller_token: str | None = None

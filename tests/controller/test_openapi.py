@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from llm_ops_helper.controller import auth, openapi
-from llm_ops_helper.controller.api import build_app
+from llm_ops_helper.controller.api import STATE, build_app
 from llm_ops_helper.controller.config import parse
 from llm_ops_helper.controller.state import ControllerState, build_state
 
@@ -106,6 +106,21 @@ async def test_served_without_a_token_as_openapi_3_1(served: Any) -> None:
     assert doc["paths"]["/api/v1/audit"]["get"]["x-llmops-role"] == "admin"
     assert doc["paths"]["/healthz"]["get"]["security"] == []
     assert doc["paths"] == openapi.document(app)["paths"]
+
+
+async def test_a_body_is_optional_only_where_the_route_takes_none(served: Any) -> None:
+    client, app = served
+    paths = openapi.document(app)["paths"]
+    optional = {(m, p) for p, item in paths.items() for m, op in item.items()
+                if "requestBody" in op and not op["requestBody"]["required"]}
+    assert optional == {("post", "/api/v1/models/{name}/versions"),
+                        ("post", "/api/v1/deployments/{name}/rollback")}
+    # The upload without a body, as the document allows: a reference to a model elsewhere.
+    token = app[STATE].tokens.create("op", "operator", by="test")
+    async with client.post("/api/v1/models/ref-only/versions",
+                           params={"source_uri": "hf://org/model", "runtime": "vllm"},
+                           headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 201, await response.text()
 
 
 def test_a_new_route_without_a_description_is_reported() -> None:

@@ -89,3 +89,17 @@ def test_every_key_has_type_default_and_description() -> None:
         for table in configdoc.tables(daemon, root):
             for key in table.keys:
                 assert key.type and key.default and key.description, (daemon, table.header, key)
+
+
+def test_a_config_field_is_described_by_its_comment_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A second description in configdoc.DOCS could drift from the field's comment: refused.
+    monkeypatch.setitem(configdoc.DOCS, "agent:host", "A description kept somewhere else.")
+    with pytest.raises(ValueError, match=r"agent:host \(AgentConfig\.host\)"):
+        configdoc.tables("agent", configdoc.AgentConfig)
+
+
+def test_docs_holds_only_the_guard_profile_keys() -> None:
+    # What is left there: GuardConfig's fields (controller/gateway/guards.py), each one a key.
+    assert all(key.startswith("gateway:guards.NAME.") for key in configdoc.DOCS)
+    gateway = configdoc.documented_keys()["gateway.example.toml"]
+    assert {key.split(":", 1)[1] for key in configdoc.DOCS} <= gateway

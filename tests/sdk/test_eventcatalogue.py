@@ -112,10 +112,24 @@ def test_scan_follows_conditionals_variables_helpers_binds_and_reports_what_it_c
                 self.event(d, "deployment_deleted", "gone")
     """)
     write(tmp_path, "controller/dispatch.py", """
-        def place(ledger, d, phase):
-            ledger.event(d, "replica_draining" if phase else "replica_stopping", "m",
-                         replica="r", level="warning")
-            views.event(d)  # another function called event: not a call of Ledger.event
+        from views import event
+
+        def place(self, d, phase):
+            self.ledger.event(d, "replica_draining" if phase else "replica_stopping", "m",
+                              replica="r", level="warning")
+            # Other functions called event, called as Ledger.event could be: not its calls.
+            views.event(d, "not_an_event", "m")
+            event(d, "nor_this", "m")
+    """)
+    write(tmp_path, "controller/__main__.py", """
+        import lifecycle
+        lifecycle.run("controller", 5)
+    """)
+    write(tmp_path, "controller/other.py", """
+        def run(what, limit):  # its own run, not lifecycle's
+            return what
+
+        run("unrelated", 1)
     """)
     write(tmp_path, "controller/gateway/app.py", """
         import structlog
@@ -127,10 +141,12 @@ def test_scan_follows_conditionals_variables_helpers_binds_and_reports_what_it_c
         ("agent", "agent_stopping"), ("agent", "shutdown_timeout"),
         ("agent", "job_done"), ("agent", "job_failed"), ("agent", "a_event"),
         ("agent", "b_event"), ("agent", "job_crashed"),
+        ("controller", "controller_stopping"), ("controller", "shutdown_timeout"),
         ("controller", "deployment_deleted"), ("controller", "replica_draining"),
         ("controller", "replica_stopping"), ("gateway", "gateway_listening")}
     assert found["agent", "agent_stopping"].modules == {"agent.__main__"}
     assert found["agent", "agent_stopping"].via == {"lifecycle"}
+    assert found["controller", "controller_stopping"].modules == {"controller.__main__"}
     assert found["agent", "job_done"].fields == {"replica", "took_s", "exception"}
     assert found["agent", "job_done"].levels == {"warning"}
     assert found["agent", "a_event"].fields == {"x", "y"}

@@ -21,7 +21,16 @@ from llm_ops_helper.agent.runtimes.simserver.card import write_model_card
 from llm_ops_helper.client import LLMOpsHelper
 from llm_ops_helper.eventcatalogue import scan
 from llm_ops_helper.localfleet import LocalFleet
-from llm_ops_helper.logview import Filters, clock, matches, parse, render, show
+from llm_ops_helper.logview import (
+    FOLLOW_POLL_S,
+    Filters,
+    after_rest,
+    clock,
+    matches,
+    parse,
+    render,
+    show,
+)
 
 LLMOPS = [sys.executable, "-m", "llm_ops_helper.cli", "logs"]
 LINE = re.compile(r"\d\d:\d\d:\d\d\.\d{3} [A-Z]+ +\S+ [a-z0-9_]+( .*)?")
@@ -234,23 +243,86 @@ def test_a_missing_journalctl_is_named(tmp_path: Path) -> None:
 
 # -- files: follow, colours, fixtures -------------------------------------------------------
 
-def test_follow_on_a_file_prints_lines_appended_later(tmp_path: Path) -> None:
+def record_line(event: str, **more: object) -> str:
+    return json.dumps({"event": event, "level": "info", "host": "gpu-01",
+                       "timestamp": "2025-01-02T03:04:05.678901Z", **more}) + "\n"
+
+
+def nothing_to_read(process: subprocess.Popen[str]) -> bool:
+    """Whether the process has written nothing more after a few of its poll rounds."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], FOLLOW_POLL_S * 4)
+    return not ready
+
+
+def test_follow_on_a_file_prints_lines_appended_later_and_only_whole_ones(tmp_path: Path
+                                                                          ) -> None:
     path = tmp_path / "agent.log"
-    path.write_text(json.dumps({"event": "agent_started", "level": "info", "host": "gpu-01",
-                                "timestamp": "2025-01-02T03:04:05.678901Z"}) + "\n")
+    path.write_text(record_line("agent_started"))
     process = subprocess.Popen([*LLMOPS, "-f", str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         assert " agent_started" in process.stdout.readline()
+        half = record_line("replica_ready", replica="chat-r1-abc")
         with path.open("a") as log:
-            log.write(json.dumps({"event": "replica_ready", "level": "info",
-                                  "timestamp": "2025-01-02T03:04:06Z", "host": "gpu-01"}))
-            log.flush()  # half a line: nothing yet
-            log.write("\n")
-        assert " replica_ready" in process.stdout.readline()
+            log.write(half[:40])
+            log.flush()
+            assert nothing_to_read(process)  # half a line is not printed
+            log.write(half[40:])
+        assert " replica_ready replica=chat-r1-abc" in process.stdout.readline()
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        assert process.wait(timeout=30) == 130
+
+
+def test_follow_goes_on_across_rotation_and_truncation(tmp_path: Path) -> None:
+    path = tmp_path / "agent.log"
+    path.write_text(record_line("agent_started", note="a long first line " * 4))
+    process = subprocess.Popen([*LLMOPS, "-f", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert " agent_started" in process.stdout.readline()
+        # logrotate's default: the file is renamed, a new one created; the old one's last
+        # lines still count.
+        with path.open("a") as log:
+            log.write(record_line("before_rotation"))
+        path.rename(tmp_path / "agent.log.1")
+        path.write_text(record_line("after_rotation", note="long enough to shrink from " * 3))
+        assert " before_rotation" in process.stdout.readline()
+        assert " after_rotation" in process.stdout.readline()
+        # copytruncate: the same file cut to nothing, then written again from its start.
+        with path.open("w") as log:
+            log.write(record_line("after_truncation"))
+        assert " after_truncation" in process.stdout.readline()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+
+
+def test_after_rest_decides_like_tail_capital_f(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    path.write_text("0123456789\n")
+    opened = os.stat(path)
+    assert after_rest(opened, 11, os.stat(path)) is None
+    assert after_rest(opened, 11, None) is None  # rotated away, no new file yet
+    path.write_text("01\n")  # truncated in place: same inode, smaller
+    assert after_rest(opened, 11, os.stat(path)) == "rewind"
+    other = tmp_path / "b.log"
+    other.write_text("x\n")
+    assert after_rest(opened, 11, os.stat(other)) == "reopen"
+
+
+def test_a_dash_among_files_reads_stdin_there(tmp_path: Path) -> None:
+    first, last = tmp_path / "first.log", tmp_path / "last.log"
+    first.write_text(record_line("from_first"))
+    last.write_text(record_line("from_last"))
+    piped = tmp_path / "piped.log"
+    piped.write_text(record_line("from_stdin"))
+    done = logs(str(first), "-", str(last), stdin=piped)
+    assert done.returncode == 0, done.stderr
+    assert events_in(done.stdout) == ["from_first", "from_stdin", "from_last"]
+    refused = logs("-f", str(first), "-", stdin=piped)
+    assert refused.returncode == 2 and "standard input" in refused.stderr
 
 
 def test_colours_only_on_a_terminal(tmp_path: Path) -> None:
