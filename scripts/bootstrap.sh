@@ -33,10 +33,21 @@ if [ -n "${WITH_TEST_TOOLS:-}" ] && ! command -v systemd-analyze >/dev/null; the
   apt_install systemd
 fi
 
-# The dashboard's browser test drives headless Chromium over the DevTools protocol.
-if [ -n "${WITH_TEST_TOOLS:-}" ] && ! command -v chromium >/dev/null; then
-  echo "bootstrap: installing chromium (for the dashboard's browser test)"
-  apt_install chromium
+# The dashboard's browser test drives headless Chromium over the DevTools protocol. On Ubuntu
+# the chromium package is a wrapper that installs a snap, which does not run in a container:
+# `command -v` finds it all the same, so the check runs it.
+chromium_runs() { timeout 60 chromium --headless --no-sandbox --disable-gpu --version >/dev/null 2>&1; }
+if [ -n "${WITH_TEST_TOOLS:-}" ]; then
+  if ! command -v chromium >/dev/null; then
+    echo "bootstrap: installing chromium (for the dashboard's browser test)"
+    apt_install chromium
+  fi
+  if ! chromium_runs; then
+    echo "bootstrap: 'chromium --headless --no-sandbox --version' fails here: $(command -v chromium)" >&2
+    echo "it is probably Ubuntu's snap wrapper; install Debian's chromium package instead" >&2
+    echo "(a Debian image, or Debian's archive pinned for chromium), then retry" >&2
+    exit 1
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -14,5 +14,5 @@ from llm_ops_helper.controller.state import ControllerState
 def add_routes(app: web.Application, state: ControllerState) -> None:
     app[STATE] = state
     app.router.add_get("/api/v1/overview", get_overview)
-    stream.add_routes(app)
+    stream.add_routes(app, state)
     static_files.add_routes(app)

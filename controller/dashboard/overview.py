@@ -11,14 +11,14 @@ it unhealthy, ``warning`` when a warning does, else ``ok``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from aiohttp import web
 
 from llm_ops_helper.controller.fleet import HostState
 from llm_ops_helper.controller.state import ControllerState
-from llm_ops_helper.proto.messages import Alert, GpuSample
+from llm_ops_helper.proto.messages import Alert, GpuInfo, GpuSample
 
 Health = Literal["ok", "warning", "critical"]
 
@@ -30,32 +30,32 @@ def gpu_health(healthy: bool, severities: Iterable[str]) -> Health:
     return "warning" if "warning" in found else "ok"
 
 
-def _gpu(g: GpuSample, severities: list[str]) -> dict[str, Any]:
-    return {"index": g.index, "name": g.name, "uuid": g.uuid, "healthy": g.healthy,
-            "error": g.error, "util_pct": g.utilization_gpu_pct,
-            "memory_used_bytes": g.memory_used_bytes,
-            "memory_total_bytes": g.memory_total_bytes, "temperature_c": g.temperature_c,
-            "power_w": g.power_w, "power_limit_w": g.power_limit_w,
-            "health": gpu_health(g.healthy, severities)}
+def _gpu(g: GpuInfo | GpuSample, severities: list[str]) -> dict[str, Any]:
+    """A GPU from its latest sample, or from the inventory alone (no readings yet)."""
+    sample = g if isinstance(g, GpuSample) else None
+    healthy = sample.healthy if sample is not None else True
+    return {"index": g.index, "name": g.name, "uuid": g.uuid, "healthy": healthy,
+            "error": sample.error if sample is not None else None,
+            "util_pct": sample.utilization_gpu_pct if sample is not None else None,
+            "memory_used_bytes": sample.memory_used_bytes if sample is not None else None,
+            "memory_total_bytes": g.memory_total_bytes,
+            "temperature_c": sample.temperature_c if sample is not None else None,
+            "power_w": sample.power_w if sample is not None else None,
+            "power_limit_w": sample.power_limit_w if sample is not None else None,
+            "health": gpu_health(healthy, severities)}
 
 
-def _host(s: HostState, firing: list[Alert]) -> dict[str, Any]:
-    mine = [a for a in firing if a.host == s.host]
+def _host(s: HostState, mine: list[Alert]) -> dict[str, Any]:
+    """A host and its GPUs; ``mine``: the firing alerts that name this host."""
     by_gpu: dict[int, list[str]] = {}
     for a in mine:
         if a.gpu is not None:
             by_gpu.setdefault(a.gpu, []).append(a.severity)
     t = s.telemetry
-    if t is not None:
-        gpus = [_gpu(g, by_gpu.get(g.index, [])) for g in sorted(t.gpus, key=lambda g: g.index)]
-    else:  # inventory only: no sample yet
-        inventory = s.status.gpus if s.status is not None else []
-        gpus = [{"index": g.index, "name": g.name, "uuid": g.uuid, "healthy": True,
-                 "error": None, "util_pct": None, "memory_used_bytes": None,
-                 "memory_total_bytes": g.memory_total_bytes, "temperature_c": None,
-                 "power_w": None, "power_limit_w": None,
-                 "health": gpu_health(True, by_gpu.get(g.index, []))}
-                for g in sorted(inventory, key=lambda g: g.index)]
+    # No sample yet: the inventory of the retained status.
+    known: Sequence[GpuInfo | GpuSample] = (
+        t.gpus if t is not None else s.status.gpus if s.status is not None else [])
+    gpus = [_gpu(g, by_gpu.get(g.index, [])) for g in sorted(known, key=lambda g: g.index)]
     m = t.host_metrics if t is not None else None
     return {
         "host": s.host, "online": s.online, "offline_reason": s.offline_reason,
@@ -82,6 +82,8 @@ def _deployment(view: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": view["name"], "model": model, "version": version_number(ref),
         "ref": ref, "requested": view.get("requested"),
+        # Where a plain rollback goes, in full: it may be a version of another model.
+        "previous_ref": view.get("previous_version"),
         "previous_version": version_number(view.get("previous_version")),
         "runtime": view.get("runtime"),
         "replicas_desired": view["desired"], "replicas_ready": view["ready"],
@@ -105,7 +107,12 @@ _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 def overview(state: ControllerState, now: float | None = None) -> dict[str, Any]:
     firing = sorted(state.alerts.firing.values(),
                     key=lambda a: (_SEVERITY_ORDER.get(a.severity, 3), -(a.started_at or a.ts)))
-    hosts = [_host(s, firing) for s in sorted(state.fleet.hosts.values(), key=lambda s: s.host)]
+    by_host: dict[str, list[Alert]] = {}
+    for a in firing:
+        if a.host is not None:
+            by_host.setdefault(a.host, []).append(a)
+    hosts = [_host(s, by_host.get(s.host, []))
+             for s in sorted(state.fleet.hosts.values(), key=lambda s: s.host)]
     return {
         "ts": time.time() if now is None else now,
         "hosts": hosts,

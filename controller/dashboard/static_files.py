@@ -20,7 +20,8 @@ _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 # The page loads nothing but its own files; scripts and styles inline are refused.
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                                      "frame-ancestors 'none'",
+                                      "object-src 'none'; base-uri 'none'; "
+                                      "form-action 'none'; frame-ancestors 'none'",
            "Referrer-Policy": "no-referrer"}
 
 

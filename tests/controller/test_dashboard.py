@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from llm_ops_helper.controller.api import build_app
 from llm_ops_helper.controller.config import parse
 from llm_ops_helper.controller.dashboard.overview import gpu_health, overview, version_number
+from llm_ops_helper.controller.dashboard.stream import AUTH_RECHECK_EVERY, FEED, open_streams
 from llm_ops_helper.controller.registry.records import NewVersion
 from llm_ops_helper.controller.state import ControllerState, build_state
 from llm_ops_helper.proto.codec import encode
@@ -45,9 +47,17 @@ async def api(state: ControllerState) -> AsyncIterator[Client]:
     await client.close()
 
 
-def bearer(state: ControllerState, role: str = "viewer") -> dict[str, str]:
-    token = state.tokens.create(f"test-{role}", role, "test")  # type: ignore[arg-type]
+def bearer(state: ControllerState, role: str = "viewer", name: str = "") -> dict[str, str]:
+    token = state.tokens.create(name or f"test-{role}", role, "test")  # type: ignore[arg-type]
     return {"Authorization": f"Bearer {token}"}
+
+
+async def until(check: Any, what: str, timeout_s: float = 30.0) -> None:
+    """Until ``check()`` is true; the limit only guards a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout_s} s"
+        await asyncio.sleep(0.05)
 
 
 async def _chunks(body: bytes) -> AsyncIterator[bytes]:
@@ -118,6 +128,7 @@ async def test_overview_carries_hosts_gpus_health_deployments_and_alerts(
     assert replica["host"] == "gpu-1" and replica["version"] == 1 and replica["url"] is None
     assert replica["state"] == "pending" and len(replica["gpus"]) == 1
     assert {"name", "reason"} <= replica.keys()
+    assert chat["previous_ref"] is None and chat["previous_version"] is None  # nothing before
 
     rules = [(a["rule"], a["severity"], a["host"], a["gpu"]) for a in body["alerts"]]
     assert rules[0] == ("gpu_ecc_uncorrected", "critical", "gpu-1", 2)
@@ -125,6 +136,22 @@ async def test_overview_carries_hosts_gpus_health_deployments_and_alerts(
     assert all({"id", "replica", "summary", "started_at"} <= a.keys() for a in body["alerts"])
     # The route serves the pure function's answer.
     assert overview(state, now=body["ts"]) | {"ts": 0} == body | {"ts": 0}
+
+
+async def test_overview_names_the_rollback_target_in_full(api: Client,
+                                                         state: ControllerState) -> None:
+    """previous_ref keeps the model's name: the version before may be of another model."""
+    await a_fleet(state)
+    await state.registry.register("other", NewVersion(runtime="sim", filename="o.toml"),
+                                  _chunks(b"[sim]\nttft_ms = 30.0\n"))
+    headers = bearer(state, "operator")
+    for ref in ("tiny@1", "other@1"):
+        r = await api.put("/api/v1/deployments/chat", json={"model": ref, "runtime": "sim"},
+                          headers=headers)
+        assert r.status in (200, 201), await r.text()
+    (chat,) = overview(state)["deployments"]
+    assert (chat["model"], chat["version"]) == ("other", 1)
+    assert (chat["previous_ref"], chat["previous_version"]) == ("tiny@1", 1)
 
 
 def test_gpu_health_folds_alerts_and_the_healthy_flag() -> None:
@@ -184,18 +211,97 @@ async def test_stream_sends_the_overview_every_second_and_ends_on_shutdown(
     assert r.content.at_eof()
 
 
+async def test_streams_share_one_feed_and_leave_when_their_client_goes(
+        api: Client, state: ControllerState) -> None:
+    await a_fleet(state)
+    headers = bearer(state)
+    first = await api.get("/api/v1/stream", headers=headers)
+    _, _, a1 = await next_event(first)
+    second = await api.get("/api/v1/stream", headers=headers)
+    _, _, b1 = await next_event(second)
+    assert open_streams(api.app) == 2
+    # One overview a tick for both: the first stream carries the very one the second began with.
+    seen = [a1["ts"]]
+    while seen[-1] < b1["ts"]:
+        seen.append((await next_event(first))[2]["ts"])
+    assert b1["ts"] in seen
+    # A client that goes away: its handler ends at its next event.
+    second.close()
+    await until(lambda: open_streams(api.app) == 1, "one stream left")
+    first.close()
+    await until(lambda: open_streams(api.app) == 0, "no stream left")
+    # With no stream open, nothing computes the overview.
+    feed = api.app[FEED]
+    await until(lambda: feed.task is not None and feed.task.done(), "the feed stopped")
+
+
+async def test_a_revoked_token_loses_its_stream(api: Client, state: ControllerState) -> None:
+    await a_fleet(state)
+    headers = bearer(state, name="tab")
+    r = await api.get("/api/v1/stream", headers=headers)
+    await next_event(r)
+    assert state.tokens.revoke("tab")
+    rest = await asyncio.wait_for(r.content.read(), timeout=60)  # the limit guards a hang
+    assert r.content.at_eof() and rest.count(b"event: overview") <= AUTH_RECHECK_EVERY
+    await until(lambda: open_streams(api.app) == 0, "the stream gone")
+    # The page reconnects, is refused, and signs out.
+    again = await api.get("/api/v1/stream", headers=headers)
+    assert again.status == 401 and "revoked" in (await again.json())["error"]
+
+
+async def test_a_client_that_stops_reading_does_not_hold_the_shutdown(
+        state: ControllerState) -> None:
+    """A stream whose client reads nothing fills the socket, then aiohttp's buffer: its handler
+    waits in write(). Stopping the controller aborts that connection rather than waiting for it
+    (aiohttp would wait its 60 s shutdown_timeout)."""
+    gpus = [gpu(i) for i in range(8)]
+    for n in range(400):  # an overview of about a megabyte: the buffers fill in a few events
+        host = f"host-{n:03d}"
+        state.ingest.handle(f"llmops/v1/agents/{host}/telemetry",
+                            encode(telemetry(host=host, ts=NOW, gpus=gpus)))
+    app = build_app(state)
+    runner = web.AppRunner(app, access_log=None)  # the daemon's runner, its default timeout
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    token = bearer(state)["Authorization"]
+    stuck = socket.socket()
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", port))
+        stuck.sendall(f"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: {token}"
+                      "\r\n\r\n".encode())
+        feed = app[FEED]
+        await until(lambda: any(s.request.transport is not None
+                                and s.request.transport.get_write_buffer_size() > 0
+                                for s in feed.streams), "the stream backed up", 60)
+        await asyncio.wait_for(runner.cleanup(), 30)  # the limit guards a hang
+        assert open_streams(app) == 0
+    finally:
+        stuck.close()
+        await runner.cleanup()
+
+
 async def test_page_and_static_files_are_open_with_types_and_no_cache(api: Client) -> None:
     r = await api.get("/")
     assert r.status == 200 and r.content_type == "text/html"
     assert r.headers["Cache-Control"] == "no-cache"
     page = await r.text()
-    assert '<script src="/ui/app.js"' in page and 'href="/ui/style.css"' in page
-    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css"),
+    scripts = ['<script src="/ui/format.js"', '<script src="/ui/chart.js"',
+               '<script src="/ui/app.js"']
+    assert all(s in page for s in scripts) and 'href="/ui/style.css"' in page
+    assert [page.index(s) for s in scripts] == sorted(page.index(s) for s in scripts)
+    for name, kind in (("app.js", "text/javascript"), ("chart.js", "text/javascript"),
+                       ("format.js", "text/javascript"), ("style.css", "text/css"),
                        ("index.html", "text/html")):
         r = await api.get(f"/ui/{name}")
         assert (r.status, r.content_type) == (200, kind), name
         assert r.headers["Cache-Control"] == "no-cache"
-        assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+        policy = r.headers["Content-Security-Policy"]
+        for directive in ("default-src 'self'", "object-src 'none'", "base-uri 'none'",
+                          "form-action 'none'", "frame-ancestors 'none'"):
+            assert directive in policy, (directive, policy)
 
 
 @pytest.mark.parametrize("path", [

@@ -157,18 +157,34 @@ class Page:
         raise TimeoutError(f"{what}: still {value!r} after {timeout_s} s "
                            f"(problems: {self.problems})")
 
-    async def click(self, selector: str) -> None:
-        """A real mouse click (pressed, released) at the middle of the element."""
-        box = await self.evaluate(
-            f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
+    async def click(self, selector: str, expect: str | None = None,
+                    timeout_s: float = 30.0) -> None:
+        """A real mouse click (pressed, released) at the middle of the element.
+
+        The page redraws while a test runs, so a box read now may be stale by the click: the
+        point is taken in the same script that checks that the element is what the browser
+        hits there, after scrolling it into view (retried until it is); with ``expect`` (a
+        script), the click is tried once more when that does not come true."""
+        point = await self.wait_for(
+            f"(() => {{ const sel = {json.dumps(selector)};"
+            " const el = document.querySelector(sel);"
             " if (!el) return null; el.scrollIntoView({block: 'center'});"
             " const r = el.getBoundingClientRect();"
-            " return {x: r.left + r.width / 2, y: r.top + r.height / 2}; })()")
-        if box is None:
-            raise CdpError(f"no element matches {selector!r}")
+            " const x = r.left + r.width / 2, y = r.top + r.height / 2;"
+            " const hit = document.elementFromPoint(x, y);"
+            " return hit && hit.closest(sel) === el ? {x, y} : null; })()",
+            f"{selector!r} clickable", timeout_s)
         for kind in ("mousePressed", "mouseReleased"):
             await self.send("Input.dispatchMouseEvent", {
-                "type": kind, "x": box["x"], "y": box["y"], "button": "left", "clickCount": 1})
+                "type": kind, "x": point["x"], "y": point["y"], "button": "left",
+                "clickCount": 1})
+        if expect is None:
+            return
+        try:
+            await self.wait_for(expect, f"after clicking {selector!r}", timeout_s=2.0)
+        except TimeoutError:  # missed: the element moved between the check and the click
+            await self.click(selector, None, timeout_s)
+            await self.wait_for(expect, f"after clicking {selector!r} again", timeout_s)
 
     async def screenshot(self, path: Path) -> bytes:
         result = await self.send("Page.captureScreenshot", {"format": "png"})

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "test-artifacts" / "dashboard.png"
 PNG = b"\x89PNG\r\n\x1a\n"
+ARMED = "document.getElementById('rollback-btn').classList.contains('armed')"
+ANSWERED = "document.getElementById('rollback-result').dataset.status !== ''"
 
 
 @pytest.fixture
@@ -169,13 +171,15 @@ async def test_dashboard_shows_the_fleet_live_and_rolls_back(fleet: LocalFleet,
             png = await page.screenshot(SCREENSHOT)
             assert png.startswith(PNG) and len(png) > 10_000, len(png)
 
-            # Rollback: the first click arms the button, the second confirms.
+            # Rollback: the first click arms the button, the second confirms; both name the
+            # version in full, and the POST names it too.
             label = await page.evaluate("document.getElementById('rollback-btn').textContent")
-            assert label == "Roll back to v1"
-            await page.click("#rollback-btn")
-            assert "Confirm" in await page.evaluate(
-                "document.getElementById('rollback-btn').textContent")
-            await page.click("#rollback-btn")
+            assert label == "Roll back to chat@1"
+            await page.click("#rollback-btn", expect=ARMED)
+            assert await page.evaluate(
+                "document.getElementById('rollback-btn').textContent"
+            ) == "Confirm: roll chat back to chat@1"
+            await page.click("#rollback-btn", expect=ANSWERED)
             await page.wait_for("document.getElementById('rollback-result').dataset.status"
                                 " === 'ok'", "the rollback's answer")
             assert "chat@1" in await page.evaluate(
@@ -185,6 +189,10 @@ async def test_dashboard_shows_the_fleet_live_and_rolls_back(fleet: LocalFleet,
                                 "the page showing version 1")
             await page.wait_for("document.getElementById('detail-title').textContent"
                                 ".endsWith('v1')", "the detail header at v1")
+            # What a plain rollback would take now is chat@2 (the version rolled back from
+            # never is): the button follows the overview's previous_ref.
+            await page.wait_for("document.getElementById('rollback-btn').textContent"
+                                " === 'Roll back to chat@2'", "the button naming chat@2")
             assert page.problems == [], page.problems
 
             # A viewer, signed in through the form, is told it needs an operator.
@@ -193,19 +201,21 @@ async def test_dashboard_shows_the_fleet_live_and_rolls_back(fleet: LocalFleet,
                 viewer_token = viewer.create("dashboard-viewer", "viewer", "test")
             finally:
                 viewer.close()
-            await page.click("#sign-out")
+            await page.click("#sign-out", expect="!document.getElementById('signin').hidden")
             await page.wait_for("!document.getElementById('signin').hidden", "signed out")
             assert await page.evaluate("document.querySelectorAll('.host, #versions tbody tr')"
                                        ".length") == 0  # nothing left of the last session
             assert await page.evaluate("sessionStorage.getItem('llmops_token')") is None
             await page.evaluate(f"document.getElementById('token-input').value ="
                                 f" {viewer_token!r}")
-            await page.click("#signin-button")
+            await page.click("#signin-button",
+                             expect="document.getElementById('token-input').value === ''")
             await page.wait_for("!document.getElementById('app').hidden", "the viewer in")
             await page.wait_for("document.querySelectorAll('#versions button.rollback-to')"
                                 ".length === 1", "the other version's button")
-            await page.click("#versions button.rollback-to")
-            await page.click("#versions button.rollback-to")
+            await page.click("#versions button.rollback-to",
+                             expect="!!document.querySelector('#versions button.armed')")
+            await page.click("#versions button.rollback-to", expect=ANSWERED)
             await page.wait_for("document.getElementById('rollback-result').dataset.status"
                                 " === 'forbidden'", "the refusal")
             text = await page.evaluate("document.getElementById('rollback-result').textContent")

@@ -4,99 +4,56 @@
 // EventSource cannot send an Authorization header); the selected deployment's decisions and
 // model versions, the anomalies and the resolved alerts are polled. Every element a test or a
 // script may read carries a stable id or data attribute (data-host, data-gpu, data-version...).
+// Loaded after format.js (formatting helpers) and chart.js (the load chart).
+//
+// What goes wrong is logged: console.error for what should not happen (a rendering bug, an
+// error answer), console.warn for a lost connection (retried); being signed out is neither.
 "use strict";
 
 const TOKEN_KEY = "llmops_token";
 const POLL_MS = 5000;
 const BACKOFF_MIN_MS = 1000;
 const BACKOFF_MAX_MS = 15000;
+const SILENT_MS = 10000; // a stream with no event (or keep-alive) for this long is reconnected
 const ARM_MS = 5000; // a destructive button's second click must come within this
 
 const ui = {
   token: null,
   overview: null,
   selected: null,
-  stream: null,      // AbortController of the open stream
+  stream: null,      // {stopped, attempt: AbortController} of the running stream loop
+  pollGen: 0,        // sign-in generation: a poll loop of an older one stops
   pollTimer: null,
-  armed: null,       // {button, timer} of a button waiting for its confirming click
+  armed: null,       // {button, label, ref, timer} of a button waiting for its confirming click
   decisions: [],
 };
 
 const $ = (id) => document.getElementById(id);
 
-// -- formatting --------------------------------------------------------------------------------
-
-function esc(value) {
-  return String(value ?? "").replace(/[&<>"']/g, (c) => ({
-    "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;",
-  })[c]);
-}
-
-function num(value, digits = 0) {
-  return value === null || value === undefined || Number.isNaN(value) ? "—"
-    : Number(value).toFixed(digits);
-}
-
-function gib(bytes) {
-  return bytes === null || bytes === undefined ? "—" : (bytes / 2 ** 30).toFixed(1);
-}
-
-function size(bytes) {
-  if (bytes === null || bytes === undefined) return "—";
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  let v = bytes;
-  while (v >= 1024 && i < units.length - 1) { v /= 1024; i += 1; }
-  return `${v.toFixed(i ? 1 : 0)} ${units[i]}`;
-}
-
-function ago(ts, now) {
-  if (!ts) return "—";
-  const s = Math.max(0, (now ?? Date.now() / 1000) - ts);
-  if (s < 60) return `${s.toFixed(0)}s ago`;
-  if (s < 3600) return `${(s / 60).toFixed(0)}m ago`;
-  if (s < 86400) return `${(s / 3600).toFixed(1)}h ago`;
-  return `${(s / 86400).toFixed(1)}d ago`;
-}
-
-function clock(ts) {
-  return ts ? new Date(ts * 1000).toLocaleTimeString([], { hour12: false }) : "—";
-}
-
-function pct(part, whole) {
-  return part === null || part === undefined || !whole ? null : (100 * part) / whole;
-}
-
-// A bar: its width is set after insertion (inline styles are refused by the page's CSP).
-function bar(label, value, text, level) {
-  const width = value === null || value === undefined ? 0 : Math.max(0, Math.min(100, value));
-  return `<div class="metric"><span class="k">${label}</span>`
-    + `<div class="bar ${level || ""}"><i data-pct="${width.toFixed(1)}"></i></div>`
-    + `<span class="v">${text}</span></div>`;
-}
-
-function applyBars(root) {
-  for (const el of root.querySelectorAll("[data-pct]")) el.style.width = `${el.dataset.pct}%`;
-}
-
-function level(value, warn, crit) {
-  if (value === null || value === undefined) return "";
-  return value >= crit ? "crit" : value >= warn ? "warn" : "";
-}
-
 // -- API ---------------------------------------------------------------------------------------
 
+// status 0: no answer (the network failed); stale: an answer for a token no longer in use.
 class ApiError extends Error {
-  constructor(status, message) { super(message); this.status = status; }
+  constructor(status, message, stale = false) {
+    super(message);
+    this.status = status;
+    this.stale = stale;
+  }
 }
 
 async function api(path, options = {}) {
   const token = ui.token;
   const headers = { Authorization: `Bearer ${token}`, ...(options.headers || {}) };
-  const response = await fetch(path, { ...options, headers, cache: "no-store" });
-  const text = await response.text();
+  let response;
+  let text;
+  try {
+    response = await fetch(path, { ...options, headers, cache: "no-store" });
+    text = await response.text();
+  } catch (err) {
+    throw new ApiError(0, `cannot reach the controller: ${err.message}`);
+  }
   // Signed out (or in as someone else) meanwhile: this answer belongs to no one on the page.
-  if (ui.token !== token) throw new ApiError(0, "signed out");
+  if (ui.token !== token) throw new ApiError(0, "signed out", true);
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch { body = null; }
   if (!response.ok) {
@@ -105,6 +62,14 @@ async function api(path, options = {}) {
     throw new ApiError(response.status, message);
   }
   return body;
+}
+
+// What a caught error deserves: nothing for a stale answer or a refused token (signed out
+// already), a warning when the controller cannot be reached, an error otherwise.
+function report(err) {
+  if (err instanceof ApiError && (err.stale || err.status === 401)) return;
+  if (err instanceof ApiError && err.status === 0) console.warn(err.message);
+  else console.error(err);
 }
 
 // -- sign-in -----------------------------------------------------------------------------------
@@ -126,28 +91,36 @@ function showSignIn(message) {
 }
 
 async function signIn() {
+  stopStream();
+  clearTimeout(ui.pollTimer);
+  const gen = ++ui.pollGen;
   ui.token = sessionStorage.getItem(TOKEN_KEY);
   if (!ui.token) { showSignIn(""); return; }
   let first;
   try {
     first = await api("/api/v1/overview");
   } catch (err) {
-    if (err.status !== 401) showSignIn(`cannot reach the controller: ${err.message}`);
+    if (gen !== ui.pollGen) return; // another sign-in (or a sign-out) came meanwhile
+    if (err.status !== 401) { // a refused token has shown the sign-in form already
+      if (!(err instanceof ApiError)) console.error(err);
+      showSignIn(err.status === 0 ? err.message : `sign-in failed: ${err.message}`);
+    }
     return;
   }
+  if (gen !== ui.pollGen) return;
   $("signin").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
   render(first);
   startStream();
-  poll();
+  poll(gen);
 }
 
 function signOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   ui.token = null;
-  if (ui.stream) ui.stream.abort();
-  ui.stream = null;
+  ui.pollGen += 1;
+  stopStream();
   clearTimeout(ui.pollTimer);
   disarm();
   // Nothing of what the last token could read stays in the page.
@@ -176,55 +149,95 @@ function setLive(state) {
 
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
+// A connection that failed or went quiet: retried, and only warned about.
+class StreamLost extends Error {}
+
+function stopStream() {
+  if (!ui.stream) return;
+  ui.stream.stopped = true;
+  if (ui.stream.attempt) ui.stream.attempt.abort();
+  ui.stream = null;
+}
+
 async function startStream() {
-  if (ui.stream) ui.stream.abort();
-  const controller = new AbortController();
-  ui.stream = controller;
+  stopStream();
+  const run = { stopped: false, attempt: null };
+  ui.stream = run;
   let backoff = BACKOFF_MIN_MS;
-  while (ui.stream === controller) {
+  while (!run.stopped) {
+    // One controller per connection: whatever ends it (error, watchdog, sign-out) closes it.
+    const attempt = new AbortController();
+    run.attempt = attempt;
+    let watchdog = null;
+    const heard = () => {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => attempt.abort(new StreamLost("no event for 10 s")), SILENT_MS);
+    };
     try {
-      const response = await fetch("/api/v1/stream", {
-        headers: { Authorization: `Bearer ${ui.token}`, Accept: "text/event-stream" },
-        signal: controller.signal, cache: "no-store",
-      });
+      heard();
+      let response;
+      try {
+        response = await fetch("/api/v1/stream", {
+          headers: { Authorization: `Bearer ${ui.token}`, Accept: "text/event-stream" },
+          signal: attempt.signal, cache: "no-store",
+        });
+      } catch (err) {
+        throw new StreamLost(`stream: ${err.message}`);
+      }
       if (response.status === 401) { signOut("token refused by the stream"); return; }
-      if (!response.ok || !response.body) throw new Error(`stream: ${response.status}`);
+      if (!response.ok || !response.body) throw new StreamLost(`stream: ${response.status}`);
       setLive("live");
       backoff = BACKOFF_MIN_MS;
-      await readEvents(response.body, (name, data) => {
+      await readEvents(response.body, heard, (name, data) => {
         if (name === "overview") render(JSON.parse(data));
       });
     } catch (err) {
-      if (controller.signal.aborted) return;
+      if (run.stopped) return;
+      if (err instanceof StreamLost) console.warn(err.message);
+      else console.error(err); // a bug in reading or drawing an event: shown, then retried
+    } finally {
+      clearTimeout(watchdog);
+      attempt.abort(); // the connection never outlives its attempt
     }
-    if (ui.stream !== controller) return;
+    if (run.stopped) return;
     setLive("reconnecting");
     await sleep(backoff * (0.75 + Math.random() / 2));
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
   }
 }
 
-async function readEvents(body, onEvent) {
+// Calls heard() on every chunk and onEvent(name, data) on every event, until the stream ends.
+async function readEvents(body, heard, onEvent) {
   const reader = body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      let name = "message";
-      const data = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith(":")) continue; // a keep-alive comment
-        if (line.startsWith("event:")) name = line.slice(6).trim();
-        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+  try {
+    for (;;) {
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (err) {
+        throw new StreamLost(`stream: ${err.message}`);
       }
-      if (data.length) onEvent(name, data.join("\n"));
+      if (chunk.done) return;
+      heard();
+      buffer += decoder.decode(chunk.value, { stream: true }).replace(/\r\n?/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        let name = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith(":")) continue; // a keep-alive comment
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        }
+        if (data.length) onEvent(name, data.join("\n"));
+      }
     }
+  } finally {
+    reader.cancel().catch(() => {});
   }
 }
 
@@ -239,6 +252,7 @@ function render(o) {
   renderHosts(o);
   renderDeployments(o);
   renderAlerts(o);
+  if (ui.selected && !o.deployments.some((d) => d.name === ui.selected)) deselect(); // deleted
   if (!ui.selected && o.deployments.length) select(o.deployments[0].name);
   else if (ui.selected) renderDetailHead();
 }
@@ -305,11 +319,14 @@ function stateClass(state) {
 function renderDeployments(o) {
   const body = $("deployments").tBodies[0];
   body.innerHTML = o.deployments.map((d) => {
-    const replicas = d.replicas.map((r) => `<span class="replica badge ${stateClass(r.state)}"`
-      + ` data-replica="${esc(r.name)}" data-state="${esc(r.state)}"`
-      + ` title="${esc(r.reason || r.url || "")}">${esc(r.host || "unplaced")}`
-      + `${r.gpus.length ? `:${r.gpus.join(",")}` : ""} v${r.version ?? "?"} ${esc(r.state)}</span>`)
-      .join(" ");
+    // Why a replica is not ready (or failed) is written out, not only in a tooltip.
+    const replicas = d.replicas.map((r) => `<div class="replica"`
+      + ` data-replica="${esc(r.name)}" data-state="${esc(r.state)}">`
+      + `<span class="badge ${stateClass(r.state)}" title="${esc(r.url || r.name)}">`
+      + `${esc(r.host || "unplaced")}${r.gpus.length ? `:${r.gpus.join(",")}` : ""}`
+      + ` v${r.version ?? "?"} ${esc(r.state)}</span>`
+      + (r.state !== "ready" && r.reason ? `<span class="why">${esc(r.reason)}</span>` : "")
+      + "</div>").join("");
     const phase = { available: "ok", progressing: "warn", failed: "crit" }[d.phase] || "warn";
     return `<tr id="dep-${esc(d.name)}" data-deployment="${esc(d.name)}"`
       + ` data-version="${d.version ?? ""}" data-phase="${esc(d.phase)}"`
@@ -318,7 +335,8 @@ function renderDeployments(o) {
       + `<td><b>${esc(d.name)}</b></td>`
       + `<td>${esc(d.model)} <span class="version">v${d.version ?? "?"}</span></td>`
       + `<td>${esc(d.runtime || "—")}</td>`
-      + `<td><span class="badge ${phase}" title="${esc(d.message || "")}">${esc(d.phase)}</span></td>`
+      + `<td><span class="badge ${phase}">${esc(d.phase)}</span>`
+      + `${d.message ? `<span class="why">${esc(d.message)}</span>` : ""}</td>`
       + `<td>${d.replicas_ready}/${d.replicas_desired}</td>`
       + `<td>${esc(d.autoscale_mode)}</td><td class="replicas">${replicas}</td></tr>`;
   }).join("") || '<tr><td colspan="7" class="dim">no deployments</td></tr>';
@@ -358,7 +376,17 @@ function select(name) {
     row.classList.toggle("selected", row.dataset.deployment === name);
   }
   renderDetailHead();
-  pollSelected();
+  pollSelected().catch(report);
+}
+
+function deselect() {
+  ui.selected = null;
+  ui.decisions = [];
+  disarm();
+  $("detail").hidden = true;
+  $("rollback-result").textContent = "";
+  $("rollback-result").dataset.status = "";
+  for (const id of ["decisions", "versions"]) $(id).tBodies[0].innerHTML = "";
 }
 
 function renderDetailHead() {
@@ -368,9 +396,16 @@ function renderDetailHead() {
   title.dataset.deployment = d.name;
   title.textContent = `${d.name} · ${d.model} v${d.version ?? "?"}`;
   const button = $("rollback-btn");
-  if (ui.armed && ui.armed.button === button) return;
+  if (ui.armed && ui.armed.button === button) {
+    if (ui.armed.ref === d.previous_ref) return;
+    disarm(); // where a rollback goes changed since the first click: ask again
+    return;   // (disarm() drew the head again)
+  }
+  // previous_ref in full (it may name another model); nothing before: nothing to roll back to.
   button.dataset.deployment = d.name;
-  button.textContent = d.previous_version ? `Roll back to v${d.previous_version}` : "Roll back";
+  button.dataset.ref = d.previous_ref || "";
+  button.disabled = !d.previous_ref;
+  button.textContent = d.previous_ref ? `Roll back to ${d.previous_ref}` : "Nothing to roll back to";
 }
 
 async function pollSelected() {
@@ -385,16 +420,22 @@ async function pollSelected() {
     renderDecisions();
     drawChart();
   } catch (err) {
-    if (err.status === 404) { ui.decisions = []; renderDecisions(); drawChart(); }
+    if (err.status === 404) { ui.decisions = []; renderDecisions(); drawChart(); } else report(err);
   }
   if (d && d.model) {
     try {
       const model = await api(`/api/v1/models/${encodeURIComponent(d.model)}`);
       if (name === ui.selected) renderVersions(model);
     } catch (err) {
+      if (err.stale || name !== ui.selected) return;
+      report(err);
       $("versions").tBodies[0].innerHTML = `<tr><td colspan="8" class="error">${esc(err.message)}</td></tr>`;
     }
   }
+}
+
+function drawChart() {
+  drawLoadChart($("load-chart"), $("chart-legend"), ui.decisions);
 }
 
 function renderDecisions() {
@@ -443,20 +484,22 @@ function disarm() {
   renderDetailHead();
 }
 
-// The first click arms the button, the second (within ARM_MS) acts.
-function confirmClick(button, prompt, action) {
+// The first click arms the button, the second (within ARM_MS) acts on the ref it showed.
+function confirmClick(button, ref, prompt, action) {
   if (ui.armed && ui.armed.button === button) {
+    const armed = ui.armed.ref;
     disarm();
-    action();
+    action(armed);
     return;
   }
   disarm();
   const label = button.textContent;
   button.classList.add("armed");
   button.textContent = prompt;
-  ui.armed = { button, label, timer: setTimeout(disarm, ARM_MS) };
+  ui.armed = { button, label, ref, timer: setTimeout(disarm, ARM_MS) };
 }
 
+// Always to an explicit version (the one the button showed): the server never picks another.
 async function rollback(name, version) {
   const out = $("rollback-result");
   out.dataset.status = "pending";
@@ -466,114 +509,32 @@ async function rollback(name, version) {
     const body = await api(`/api/v1/deployments/${encodeURIComponent(name)}/rollback`, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(version ? { version } : {}),
+      body: JSON.stringify({ version }),
     });
     out.dataset.status = "ok";
     out.classList.add("ok");
     out.textContent = `${name} → ${body.version}: ${body.phase}${body.message ? ` (${body.message})` : ""}`;
   } catch (err) {
+    if (err.stale) return; // signed out meanwhile: the page is someone else's now
     out.dataset.status = err.status === 403 ? "forbidden" : "error";
     out.classList.add("error");
     out.textContent = err.status === 403
       ? `not allowed: rolling back needs an operator token (${err.message})`
       : `rollback failed: ${err.message}`;
+    if (err.status !== 403 && err.status !== 409) report(err);
   }
-  pollSelected();
-}
-
-// -- chart -------------------------------------------------------------------------------------
-
-const SERIES = [
-  { key: "load", label: "load", color: "#4fc3f7", width: 2 },
-  { key: "forecast", label: "forecast", color: "#ffb74d", width: 2 },
-  { key: "upper", label: "forecast upper bound", color: "#ffb74d", width: 1, dash: [4, 4] },
-  { key: "capacity", label: "capacity (ready × per replica)", color: "#81c784", width: 2, dash: [8, 3] },
-];
-
-function chartPoints() {
-  const out = { load: [], forecast: [], upper: [], capacity: [] };
-  for (const x of ui.decisions) {
-    if (x.inputs && x.inputs.tokens_per_s !== null) out.load.push([x.ts, x.inputs.tokens_per_s]);
-    const ahead = x.ts + ((x.forecast && x.forecast.horizon_s) || 0); // what it predicts for
-    if (x.forecast && x.forecast.point !== null) out.forecast.push([ahead, x.forecast.point]);
-    if (x.forecast && x.forecast.upper !== null) out.upper.push([ahead, x.forecast.upper]);
-    const each = x.capacity && x.capacity.tokens_per_s;
-    if (each !== null && each !== undefined) out.capacity.push([x.ts, each * x.current]);
-  }
-  return out;
-}
-
-function drawChart() {
-  const canvas = $("load-chart");
-  const ratio = window.devicePixelRatio || 1;
-  const cssWidth = canvas.clientWidth || 640;
-  const cssHeight = canvas.clientHeight || 220;
-  canvas.width = Math.round(cssWidth * ratio);
-  canvas.height = Math.round(cssHeight * ratio);
-  const g = canvas.getContext("2d");
-  g.setTransform(ratio, 0, 0, ratio, 0, 0);
-  g.clearRect(0, 0, cssWidth, cssHeight);
-  const points = chartPoints();
-  const all = Object.values(points).flat();
-  canvas.dataset.points = String(all.length);
-  $("chart-legend").innerHTML = SERIES.map((s) => `<span class="key" data-series="${s.key}"`
-    + ` data-count="${points[s.key].length}"><i class="swatch-${s.key}"></i>${s.label}</span>`)
-    .join("");
-  const pad = { left: 48, right: 12, top: 10, bottom: 22 };
-  const w = cssWidth - pad.left - pad.right;
-  const h = cssHeight - pad.top - pad.bottom;
-  g.font = "11px ui-monospace, SFMono-Regular, Menlo, monospace";
-  g.fillStyle = "#8a94a6";
-  if (!all.length) {
-    g.fillText("no load reported yet", pad.left + 8, pad.top + h / 2);
-    return;
-  }
-  const t0 = Math.min(...all.map((p) => p[0]));
-  const t1 = Math.max(...all.map((p) => p[0]), t0 + 1);
-  const top = niceMax(Math.max(...all.map((p) => p[1]), 1));
-  const x = (t) => pad.left + ((t - t0) / (t1 - t0)) * w;
-  const y = (v) => pad.top + h - (v / top) * h;
-  g.strokeStyle = "#263040";
-  g.lineWidth = 1;
-  for (let i = 0; i <= 4; i += 1) {
-    const v = (top * i) / 4;
-    g.beginPath(); g.moveTo(pad.left, y(v)); g.lineTo(pad.left + w, y(v)); g.stroke();
-    g.fillText(v >= 1000 ? `${(v / 1000).toFixed(1)}k` : v.toFixed(v < 10 ? 1 : 0), 4, y(v) + 4);
-  }
-  const now = ui.decisions.length ? ui.decisions[ui.decisions.length - 1].ts : t1;
-  if (now < t1) { // the forecast reaches past the last decision: mark "now"
-    g.strokeStyle = "#56607a"; g.setLineDash([2, 3]);
-    g.beginPath(); g.moveTo(x(now), pad.top); g.lineTo(x(now), pad.top + h); g.stroke();
-    g.setLineDash([]);
-    g.fillText("now", x(now) + 3, pad.top + 10);
-  }
-  g.fillText(clock(t0), pad.left, cssHeight - 6);
-  const last = clock(t1);
-  g.fillText(last, pad.left + w - g.measureText(last).width, cssHeight - 6);
-  for (const s of SERIES) {
-    const series = points[s.key];
-    if (!series.length) continue;
-    g.strokeStyle = s.color; g.lineWidth = s.width; g.setLineDash(s.dash || []);
-    g.beginPath();
-    series.forEach(([t, v], i) => (i ? g.lineTo(x(t), y(v)) : g.moveTo(x(t), y(v))));
-    g.stroke();
-  }
-  g.setLineDash([]);
-}
-
-function niceMax(v) {
-  const step = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * step >= v) return m * step;
-  return 10 * step;
+  pollSelected().catch(report);
 }
 
 // -- polling of what the stream does not carry -------------------------------------------------
 
-async function poll() {
+// One loop per sign-in: a loop of an older generation ends instead of rescheduling.
+async function poll(gen) {
+  if (gen !== ui.pollGen || !ui.token) return;
   clearTimeout(ui.pollTimer);
-  if (!ui.token) return;
-  await Promise.allSettled([pollSelected(), pollAnomalies(), pollResolved()]);
-  if (ui.token) ui.pollTimer = setTimeout(poll, POLL_MS);
+  const results = await Promise.allSettled([pollSelected(), pollAnomalies(), pollResolved()]);
+  for (const r of results) if (r.status === "rejected") report(r.reason);
+  if (gen === ui.pollGen && ui.token) ui.pollTimer = setTimeout(() => poll(gen), POLL_MS);
 }
 
 async function pollAnomalies() {
@@ -611,17 +572,18 @@ function init() {
   });
   $("rollback-btn").addEventListener("click", (event) => {
     const d = current();
-    if (!d) return;
-    const target = d.previous_version ? `v${d.previous_version}` : "the previous version";
-    confirmClick(event.currentTarget, `Confirm: roll ${d.name} back to ${target}`,
-      () => rollback(d.name, null));
+    const button = event.currentTarget;
+    const armed = ui.armed && ui.armed.button === button;
+    if (!d || (!armed && !d.previous_ref)) return;
+    confirmClick(button, d.previous_ref, `Confirm: roll ${d.name} back to ${d.previous_ref}`,
+      (ref) => rollback(d.name, ref));
   });
   $("versions").addEventListener("click", (event) => {
     const button = event.target.closest("button.rollback-to");
     const d = current();
     if (!button || !d) return;
-    confirmClick(button, `Confirm: ${d.name} → ${button.dataset.ref}`,
-      () => rollback(d.name, button.dataset.ref));
+    confirmClick(button, button.dataset.ref, `Confirm: ${d.name} → ${button.dataset.ref}`,
+      (ref) => rollback(d.name, ref));
   });
   window.addEventListener("hashchange", () => { if (tokenFromFragment()) signIn(); });
   window.addEventListener("resize", () => { if (ui.selected) drawChart(); });
