@@ -262,15 +262,16 @@ function renderSummary(o) {
   const online = o.hosts.filter((h) => h.online).length;
   const bad = (health) => gpus.filter((g) => g.health === health).length;
   const crit = o.alerts.filter((a) => a.severity === "critical").length;
+  const n = (count, one, many) => `<b>${count}</b> ${count === 1 ? one : many}`;
   $("summary").innerHTML = [
     `<span id="sum-hosts" data-online="${online}" data-total="${o.hosts.length}">`
-      + `<b>${online}</b>/${o.hosts.length} hosts</span>`,
-    `<span id="sum-gpus" data-total="${gpus.length}"><b>${gpus.length}</b> GPUs`
+      + `<b>${online}</b>/${o.hosts.length} ${o.hosts.length === 1 ? "host" : "hosts"}</span>`,
+    `<span id="sum-gpus" data-total="${gpus.length}">${n(gpus.length, "GPU", "GPUs")}`
       + (bad("critical") ? ` <em class="crit">${bad("critical")} critical</em>` : "")
       + (bad("warning") ? ` <em class="warn">${bad("warning")} warning</em>` : "") + "</span>",
-    `<span id="sum-deployments"><b>${o.deployments.length}</b> deployments</span>`,
+    `<span id="sum-deployments">${n(o.deployments.length, "deployment", "deployments")}</span>`,
     `<span id="sum-alerts" data-firing="${o.alerts.length}" class="${crit ? "crit" : ""}">`
-      + `<b>${o.alerts.length}</b> alerts firing</span>`,
+      + `${n(o.alerts.length, "alert", "alerts")} firing</span>`,
   ].join("");
 }
 
