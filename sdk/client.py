@@ -448,6 +448,12 @@ class LLMOpsHelper:
                 _checked(response.status, response.read())
             if response.status != 206:  # the whole file: start over
                 have = 0
+            elif not (response.getheader("Content-Range") or "").startswith(f"bytes {have}-"):
+                # Not the bytes asked for: appending them would corrupt the partial.
+                partial.unlink(missing_ok=True)
+                raise LLMOpsError(f"download to {partial}: asked for bytes={have}- and got "
+                                  f"Content-Range {response.getheader('Content-Range')!r}; "
+                                  "removed, try again")
             try:
                 with partial.open("ab" if have else "wb") as f:
                     while chunk := response.read(CHUNK_BYTES):
@@ -458,6 +464,11 @@ class LLMOpsHelper:
             except (OSError, http.client.HTTPException) as exc:
                 raise LLMOpsError(f"download to {partial} broke off at {have} of {size} bytes: "
                                   f"{_reason(exc)}; run it again to resume") from None
+            if have < size:
+                # read(n) answers b"" when the connection closes early (no IncompleteRead):
+                # a cut, not a corrupt file; the bytes kept are where the next pull resumes.
+                raise LLMOpsError(f"download to {partial} broke off at {have} of {size} bytes: "
+                                  "the connection closed early; run it again to resume")
         finally:
             conn.close()
 

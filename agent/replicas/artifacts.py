@@ -2,7 +2,10 @@
 
 Layout under ``cache_dir``: ``blobs/{sha256}{.ext}`` (complete, verified) and
 ``partial/{sha256}.part`` (a download in progress or cut off). A cut download resumes from the
-partial's size with a Range request, after re-hashing the bytes already there. "Last use" is
+partial's size with a Range request, after re-hashing the bytes already there. A server that
+cannot be reached is tried for ``CONNECT_WINDOW_S`` (a controller restarting is back within it);
+one that has sent bytes and then went away is waited for, with backoff, until
+``RESUME_WINDOW_S`` pass without a byte arriving. "Last use" is
 the blob's mtime (touched on every use), so the LRU order survives agent restarts for free.
 """
 
@@ -32,6 +35,13 @@ CHUNK = 1 << 20
 # Bytes gathered before one write (through a worker thread, so the loop never blocks on disk).
 WRITE_BATCH = 8 << 20
 ATTEMPTS = 3
+# Before the first byte, how long a fetch keeps trying (at least ATTEMPTS times): a controller
+# restarted by systemd (RestartSec=2) answers again within it; a wrong address fails after it.
+CONNECT_WINDOW_S = 20.0
+# Once bytes have arrived, how long a fetch keeps retrying without another byte: longer than a
+# controller's restart (systemd RestartSec=2 plus its start-up), bounded by download_timeout_s.
+RESUME_WINDOW_S = 60.0
+BACKOFF_MAX_S = 2.0
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -90,6 +100,20 @@ def _publish(part: Path, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _sizes(part: Path, size: int) -> str:
+    """The bytes a failed write left in ``part`` and free beside it, for the error."""
+    try:
+        written = str(part.stat().st_size)
+    except OSError:
+        written = "?"
+    try:
+        st = os.statvfs(part.parent)
+        free = str(st.f_bavail * st.f_frsize)
+    except OSError:
+        free = "?"
+    return f"{written} of {size} bytes written, {free} bytes free on that file system"
 
 
 def _complete(path: Path, size: int) -> bool:
@@ -264,13 +288,18 @@ class ArtifactCache:
         except ArtifactError as exc:
             raise self._failed(ref, str(exc)) from None
         except OSError as exc:
+            # Measured before the partial goes: what fit, and what was left when it failed.
+            sizes = _sizes(part, ref.size_bytes)
             with contextlib.suppress(OSError):
                 part.unlink()
+            cause = f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, 'errno ?')})"
             if exc.errno in _DISK_FULL:
                 raise self._failed(ref, f"disk full: cannot write artifact {ref.sha256} under "
-                                        f"{self.root}: {exc.strerror}") from None
+                                        f"{self.root}: {cause} writing {part}: {sizes}; the "
+                                        "partial file was removed: free space there, or "
+                                        "lower supervisor.cache_max_bytes") from None
             raise self._failed(ref, f"cannot write artifact {ref.sha256} under {self.root}: "
-                                    f"{exc.strerror or exc}") from None
+                                    f"{cause} writing {part}: {sizes}") from None
         finally:
             self._reserved.pop(ref.sha256, None)
         seconds = round(time.monotonic() - started, 3)
@@ -294,18 +323,34 @@ class ArtifactCache:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120))
-        last_error = ""
+        loop = asyncio.get_running_loop()
         fresh_retry = True
-        for attempt in range(ATTEMPTS):
+        started = loop.time()
+        misses = 0  # failed attempts since the last byte arrived
+        progressed_at: float | None = None  # when a byte last arrived in this fetch
+        while True:
             have = _partial_size(part, ref.size_bytes)
             self._make_room(ref, have)
             try:
                 resumed_from, digest, got = await self._get(ref, part, have)
             except _Retryable as exc:
-                last_error = str(exc)
-                log.info("artifact_download_interrupted", sha256=ref.sha256, attempt=attempt + 1,
-                         error=last_error)
-                await asyncio.sleep(0.2 * 2 ** attempt)
+                if _partial_size(part, ref.size_bytes) > have:
+                    progressed_at, misses = loop.time(), 0
+                misses += 1
+                log.info("artifact_download_interrupted", sha256=ref.sha256, attempt=misses,
+                         error=str(exc))
+                if progressed_at is None and misses >= ATTEMPTS \
+                        and loop.time() - started >= CONNECT_WINDOW_S:
+                    raise ArtifactError(f"download of artifact {ref.sha256} from {ref.url} "
+                                        f"failed {misses} times in {loop.time() - started:.1f} s; "
+                                        f"last: {exc}") from None
+                if progressed_at is not None \
+                        and loop.time() - progressed_at > RESUME_WINDOW_S:
+                    raise ArtifactError(
+                        f"download of artifact {ref.sha256} from {ref.url} broke off and no "
+                        f"byte arrived for {RESUME_WINDOW_S:g} s ({misses} attempts); last: "
+                        f"{exc}") from None
+                await asyncio.sleep(min(0.2 * 2 ** (misses - 1), BACKOFF_MAX_S))
                 continue
             if got == ref.size_bytes and digest == ref.sha256:
                 return resumed_from
@@ -321,8 +366,6 @@ class ArtifactCache:
                                     f"{ref.size_bytes} bytes, got {got}")
             raise ArtifactError(f"checksum mismatch for artifact {ref.sha256}: expected "
                                 f"{ref.sha256}, got {digest}")
-        raise ArtifactError(f"download of artifact {ref.sha256} from {ref.url} failed "
-                            f"{ATTEMPTS} times; last: {last_error}")
 
     async def _get(self, ref: ArtifactRef, part: Path, have: int) -> tuple[int, str, int]:
         assert self._session is not None

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from llm_ops_helper.agent.replicas import artifacts
 from llm_ops_helper.agent.replicas.artifacts import ArtifactCache, ArtifactError
+from llm_ops_helper.broker import free_port
 from llm_ops_helper.proto.messages import ArtifactRef, Event
 
 SIZE = 3 << 20
@@ -286,3 +288,33 @@ async def test_an_invalid_url_is_an_artifact_error(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=r"invalid URL"):
         await cache.fetch(ref)
     await cache.close()
+
+
+async def test_a_controller_that_comes_back_after_the_quick_tries_is_waited_for(
+        tmp_path: Path) -> None:
+    """A controller restarting (connection refused) when a fetch starts: the fetch keeps trying
+    past its first quick tries, inside CONNECT_WINDOW_S, and completes once it answers."""
+    server = BlobServer()
+    app = web.Application()
+    app.router.add_get("/{sha}", server.handle)
+    port = free_port()  # nothing listens there until the "controller" is back
+    server.url = f"http://127.0.0.1:{port}"
+    data = os.urandom(SIZE)
+    ref = server.add(data)
+    cache = make_cache(tmp_path)
+    runner = web.AppRunner(app)
+    with capture_logs() as logs:
+        fetch = asyncio.create_task(cache.fetch(ref))
+        for _ in range(400):  # bounded: until the fetch has failed its quick tries
+            tries = sum(e["event"] == "artifact_download_interrupted" for e in logs)
+            if tries > artifacts.ATTEMPTS:
+                break
+            await asyncio.sleep(0.05)
+        assert not fetch.done(), "gave up after the quick tries"
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        path = await asyncio.wait_for(fetch, artifacts.CONNECT_WINDOW_S + 30)
+    assert path.read_bytes() == data
+    await cache.close()
+    await runner.cleanup()
+

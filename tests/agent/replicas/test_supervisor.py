@@ -12,6 +12,7 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
+from llm_ops_helper.agent.replicas import artifacts
 from llm_ops_helper.agent.replicas.statefile import load, spec_hash
 from llm_ops_helper.agent.replicas.supervisor import DeployError
 from llm_ops_helper.proto.messages import ArtifactRef, Event, ReplicaSample
@@ -214,7 +215,9 @@ async def test_drain_timeout_stops_anyway(make_supervisor, tmp_path: Path) -> No
     assert any(e["event"] == "replica_drain_timeout" and e["in_flight"] == 5 for e in logs), logs
 
 
-async def test_a_failed_fetch_fails_the_replica_with_the_reason(make_supervisor) -> None:
+async def test_a_failed_fetch_fails_the_replica_with_the_reason(make_supervisor,
+                                                                monkeypatch) -> None:
+    monkeypatch.setattr(artifacts, "CONNECT_WINDOW_S", 0.0)  # three quick tries, then give up
     sup = await make_supervisor()
     ref = ArtifactRef(sha256="0" * 64, size_bytes=10, url="http://127.0.0.1:1/nothing")
     s = spec("tiny-r1-jjjjjj", artifact=ref)
