@@ -33,6 +33,13 @@ if [ -n "${WITH_TEST_TOOLS:-}" ] && ! command -v systemd-analyze >/dev/null; the
   apt_install systemd
 fi
 
+# The fault suite cuts a network link between an agent and the broker with network namespaces
+# and veth pairs (tests/faults/test_partition.py).
+if [ -n "${WITH_TEST_TOOLS:-}" ] && ! command -v ip >/dev/null; then
+  echo "bootstrap: installing iproute2 (for the fault suite's network namespaces)"
+  apt_install iproute2
+fi
+
 # The dashboard's browser test drives headless Chromium over the DevTools protocol. On Ubuntu
 # the chromium package is a wrapper that installs a snap, which does not run in a container:
 # `command -v` finds it all the same, so the check runs it.

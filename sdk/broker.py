@@ -14,7 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -113,10 +113,14 @@ def free_port() -> int:
         return port
 
 
-def config_text(port: int, data_dir: Path, security: BrokerSecurity | None = None) -> str:
+def config_text(port: int, data_dir: Path, security: BrokerSecurity | None = None,
+                also_listen: Sequence[str] = ()) -> str:
     """The shipped systemd/mosquitto.conf (or mosquitto-tls.conf with ``security``), so tests
     run the broker settings users get, on a loopback port with its own persistence directory,
-    credentials and log."""
+    credentials and log. ``also_listen``: more addresses (plain MQTT only) to listen on, on the
+    same port (``per_listener_settings false``: the shipped settings hold on each)."""
+    if security is not None and also_listen:
+        raise BrokerUnavailable("also_listen is for the plain listener only")
     name = "mosquitto-tls.conf" if security else "mosquitto.conf"
     shipped = (resources.files("llm_ops_helper.systemd") / name).read_text()
     replacements = [("persistence_location /var/lib/mosquitto/",
@@ -139,6 +143,8 @@ def config_text(port: int, data_dir: Path, security: BrokerSecurity | None = Non
         if production not in shipped:
             raise BrokerUnavailable(f"systemd/{name} no longer has {production!r}")
         shipped = shipped.replace(production, local)
+    for address in also_listen:
+        shipped += f"\nlistener {port} {address}\n"
     return shipped + f"\nlog_dest file {data_dir}/mosquitto.log\nuser {getpass.getuser()}\n"
 
 
@@ -157,9 +163,12 @@ class BrokerSecurity:
 class LocalMosquitto:
     def __init__(self, data_dir: Path, port: int | None = None,
                  security: BrokerSecurity | None = None, env: Mapping[str, str] | None = None,
-                 parent_death: bool = False) -> None:
+                 parent_death: bool = False, also_listen: Sequence[str] = ()) -> None:
         """``env``: added to the broker's environment; ``parent_death``: SIGTERM when its
-        starter dies (see :func:`die_with_parent`)."""
+        starter dies (see :func:`die_with_parent`); ``also_listen``: addresses to listen on
+        besides 127.0.0.1, on the same port (a network namespace's veth peer, say), read at
+        each :meth:`start`."""
+        self.also_listen = tuple(also_listen)
         self.binary = mosquitto_binary()
         self.env = dict(env or {})
         self.parent_death = parent_death
@@ -180,7 +189,8 @@ class LocalMosquitto:
 
     async def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(config_text(self.port, self.data_dir, self.security))
+        self.config_path.write_text(config_text(self.port, self.data_dir, self.security,
+                                                 self.also_listen))
         if self.security:
             acl = resources.files("llm_ops_helper.systemd") / "mosquitto.acl"
             (self.data_dir / "mosquitto.acl").write_text(acl.read_text())
@@ -228,3 +238,33 @@ class LocalMosquitto:
 
     async def kill(self) -> None:
         await self.stop(signal.SIGKILL)
+
+    @property
+    def persistence_path(self) -> Path:
+        return self.data_dir / "mosquitto.db"
+
+    async def save(self, timeout_s: float = 10.0) -> None:
+        """Have the broker write its persistence file now (SIGUSR1), as its own
+        ``autosave_interval`` does: what a broker that has run a while has on disk when it is
+        killed. Returns once the file has been rewritten."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            raise BrokerUnavailable("mosquitto is not running")
+        path = self.persistence_path
+
+        def written() -> tuple[int, int] | None:
+            # Mosquitto writes a new file and renames it over the old: a new inode each save.
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                return None
+            return stat.st_ino, stat.st_mtime_ns
+
+        before = written()
+        process.send_signal(signal.SIGUSR1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (now := written()) is None or now == before:
+            if loop.time() > deadline:
+                raise BrokerUnavailable(f"mosquitto did not write {path} within {timeout_s} s")
+            await asyncio.sleep(0.02)
