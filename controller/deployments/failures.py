@@ -1,10 +1,10 @@
 """What the engine does when replicas or a rollout fail: back off, avoid the host, roll back.
 
 A replica that fails outside a rollout is replaced after a backoff per deployment (10 s
-doubling to 5 min, reset once the deployment is available), away from the host it failed on
-while another host fits. A rollout whose new replicas fail goes back to the last revision that
-completed, unless that one can no longer run (its version retired, its artifact gone): then it
-fails where it stands.
+doubling to 5 min, reset once the deployment has been available for a minute since the last
+failure), away from the host it failed on while another host fits. A rollout whose new
+replicas fail goes back to the last revision that completed, unless that one can no longer run
+(its version retired, its artifact gone): then it fails where it stands.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from llm_ops_helper.controller.deployments.store import Deployment, Revision
 BACKOFF_FIRST_S = 10.0
 BACKOFF_MAX_S = 300.0
 AVOID_HOST_S = 300.0
+# A deployment is recovered (its next failure backs off from the start again) when it is
+# available this long after its last failure. Not at once: a replica that crashes seconds after
+# each start makes its deployment available between crashes, and resetting then kept the
+# backoff at its first step forever (a re-placement every 10 s plus a crash loop, for ever).
+RECOVERED_AFTER_S = 60.0
 
 
 class Failures:
@@ -112,10 +117,16 @@ class Failures:
                 f"{backoff_s(d.failures):.0f} s; the last: {d.last_failure}")
 
     def recovered(self, d: Deployment, now: float) -> None:
-        """The deployment is available: the next failure backs off from the start again."""
-        if d.failures:
-            d.failures, d.last_failure, d.backoff_until = 0, None, None
-            self.ledger.touch(d, now)
+        """The deployment is available: once that is ``RECOVERED_AFTER_S`` after its last
+        failure, the next failure backs off from the start again."""
+        if not d.failures:
+            return
+        if d.backoff_until is not None:
+            failed_at = d.backoff_until - backoff_s(d.failures)
+            if now - failed_at < RECOVERED_AFTER_S:
+                return
+        d.failures, d.last_failure, d.backoff_until = 0, None, None
+        self.ledger.touch(d, now)
 
 
 def backoff_s(failures: int) -> float:

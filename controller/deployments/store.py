@@ -116,8 +116,8 @@ class Deployment(msgspec.Struct, kw_only=True):
     canary_done: bool = False
     # Why the last placement attempt left replicas unplaced (None: all placed).
     refused: str | None = None
-    # Replicas that failed in a row (reset once the deployment is available), the last
-    # failure, and no new replica before ``backoff_until``.
+    # Replicas that failed in a row (reset once available RECOVERED_AFTER_S after the last
+    # failure, see failures.py), the last failure, and no new replica before ``backoff_until``.
     failures: int = 0
     last_failure: str | None = None
     backoff_until: float | None = None
