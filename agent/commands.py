@@ -152,5 +152,7 @@ def _best_effort_id(payload: bytes) -> str | None:
         return None
     try:
         return msgspec.json.decode(payload, type=_IdOnly).id[:200]
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
+        # msgspec recurses per nesting level, also through fields it skips: a payload of many
+        # '[' would otherwise escape here and stop the agent.
         return None

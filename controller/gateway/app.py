@@ -145,6 +145,8 @@ async def _admit(request: web.Request, gw: Gateway, chat: bool) -> Call | web.Re
         body = _decode.decode(raw)
     except msgspec.DecodeError as exc:
         return error(400, f"the body is not valid JSON: {exc}", "invalid_json")
+    except RecursionError:  # msgspec recurses per nesting level: many '[' end up here
+        return error(400, "the body's JSON is nested too deeply", "invalid_json")
     if not isinstance(body, dict):
         return error(400, "the body must be a JSON object", "invalid_json")
     model = body.get("model")
