@@ -27,6 +27,7 @@ from llm_ops_helper.controller.anomalies import Analytics
 from llm_ops_helper.controller.config import FleetConfig, RulesConfig
 from llm_ops_helper.controller.fleet import Fleet, Transition
 from llm_ops_helper.controller.rules import (
+    Condition,
     HostRuleState,
     event_condition,
     host_offline_condition,
@@ -53,6 +54,12 @@ MAX_CLOCK_SKEW_S = 86_400.0
 MAX_LAG_ALLOWANCE_S = 300.0
 # Distinct hosts (topic names) given a rate-limit bucket; beyond, new names are dropped.
 MAX_HOSTS = 100_000
+# A Last Will alerts only once it has held this long: a broker restarting (`systemctl restart
+# mosquitto`) publishes every client's Will a moment before the controller's own link drops.
+LOST_CONFIRM_S = 2.0
+# Wills that came with the controller's own outage wait this long after its link is back before
+# they alert: the agents reconnect within their backoff (broker.reconnect_max_s, 10 s).
+LOST_AFTER_RECONNECT_S = 30.0
 # How often hosts offline past fleet.forget_after_s are looked for.
 FORGET_CHECK_S = 60.0
 
@@ -96,6 +103,9 @@ class Ingest:
         self.on_result: Callable[[CommandResult], None] = lambda result: None
         self._link_was_down = False
         self._last_forget = 0.0
+        # Hosts whose Last Will is waiting to be confirmed: (alert, due on the monotonic
+        # clock, when the Will said it happened).
+        self._lost: dict[str, tuple[Condition, float, float]] = {}
 
     def handle(self, topic: str, payload: bytes | bytearray) -> None:
         if not topic.startswith(_AGENTS):
@@ -221,7 +231,17 @@ class Ingest:
     def _host_transition(self, t: Transition, ts: float) -> None:
         log.info("host_online" if t.online else "host_offline", host=t.host, reason=t.reason)
         condition = None if t.online else host_offline_condition(t.host, t.reason)
+        self._lost.pop(t.host, None)
+        if condition is not None and t.reason == "lost":
+            self._lost[t.host] = (condition, self.monotonic() + LOST_CONFIRM_S, ts)
+            return
         self.alerts.sync(t.host, "host", [condition] if condition else [], ts)
+
+    def _confirm_lost(self, now: float) -> None:
+        for host, (condition, due, ts) in list(self._lost.items()):
+            if now >= due:
+                del self._lost[host]
+                self.alerts.sync(host, "host", [condition], ts)
 
     def sweep(self) -> None:
         """Staleness, held alerts that ran out, and the alert transitions since the last sweep
@@ -237,6 +257,9 @@ class Ingest:
             if self._link_was_down:
                 self.fleet.heard_all(now)
                 self._link_was_down = False
+                self._lost = {host: (condition, now + LOST_AFTER_RECONNECT_S, ts)
+                              for host, (condition, _, ts) in self._lost.items()}
+            self._confirm_lost(now)
             # When ingest itself runs behind (a backlog after a restart, a burst), silence is
             # judged as of the data it has reached, or every host would flap offline and back.
             behind = min(self.stats.lag_s, MAX_LAG_ALLOWANCE_S)

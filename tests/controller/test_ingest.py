@@ -10,7 +10,7 @@ import pytest
 from llm_ops_helper.controller.alerts import AlertManager
 from llm_ops_helper.controller.config import FleetConfig, RulesConfig
 from llm_ops_helper.controller.fleet import Fleet
-from llm_ops_helper.controller.ingest import Ingest
+from llm_ops_helper.controller.ingest import LOST_AFTER_RECONNECT_S, LOST_CONFIRM_S, Ingest
 from llm_ops_helper.controller.store import Store
 from llm_ops_helper.proto.codec import encode
 from llm_ops_helper.proto.messages import Alert, Event
@@ -99,6 +99,9 @@ def test_a_flood_from_one_host_is_rate_limited_and_the_others_are_untouched(
 def test_lost_host_alerts_and_comes_back(ingest: Ingest) -> None:
     send(ingest, "h1", "status", status())
     send(ingest, "h1", "status", status(state="offline", reason="lost"))
+    assert ingest.sent == [] and not ingest.fleet.hosts["h1"].online  # type: ignore[attr-defined]
+    ingest.clock.t += LOST_CONFIRM_S  # type: ignore[attr-defined]
+    ingest.sweep()
     assert [(a.rule, a.state) for a in ingest.sent] == [  # type: ignore[attr-defined]
         ("host_offline", "firing")]
     send(ingest, "h1", "telemetry", telemetry())
@@ -202,3 +205,30 @@ def test_a_host_offline_past_forget_after_is_forgotten(tmp_path: Path) -> None:
     ing.sweep()
     assert ing.fleet.hosts == {} and ing.fleet.seq.missing("h1") == 0
     assert not [k for k in ing._buckets if k.startswith("h1")]
+
+
+def test_wills_from_a_broker_restart_do_not_alert_unless_the_host_stays_away(
+        ingest: Ingest) -> None:
+    """A broker restarting publishes every agent's Will a moment before the controller's own
+    link drops: no host_offline for the hosts that reconnect; one for a host that does not."""
+    link = [True]
+    ingest.link_up = lambda: link[0]
+    for host in ("h1", "h2"):
+        send(ingest, host, "status", status(host=host))
+        send(ingest, host, "status", status(host=host, state="offline", reason="lost"))
+    link[0] = False
+    ingest.clock.t += 20.0  # type: ignore[attr-defined]
+    ingest.sweep()
+    link[0] = True
+    ingest.sweep()
+    ingest.clock.t += 5.0  # type: ignore[attr-defined]
+    send(ingest, "h1", "status",  # reconnected
+         status(host="h1", ts=1000.0 + ingest.clock.t))  # type: ignore[attr-defined]
+    ingest.sweep()
+    assert ingest.sent == []  # type: ignore[attr-defined]
+    ingest.clock.t += LOST_AFTER_RECONNECT_S  # type: ignore[attr-defined]
+    send(ingest, "h1", "telemetry", telemetry(host="h1"))  # h1 is back and talking
+    ingest.sweep()
+    ingest.alerts.commit()
+    assert [(a.rule, a.host, a.state) for a in ingest.sent] == [  # type: ignore[attr-defined]
+        ("host_offline", "h2", "firing")]
