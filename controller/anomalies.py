@@ -213,16 +213,30 @@ class Analytics:
         self._values += values
         self._ts.append((t.ts, len(values)))
 
-    def flush(self) -> tuple[list[Detection], list[tuple[Condition, float, float]]]:
-        """Score everything buffered: the detections, and the anomaly alerts to hold as
+    @property
+    def pending(self) -> int:
+        """Samples buffered, not scored yet."""
+        return len(self._values)
+
+    def flush(self, limit: int | None = None
+              ) -> tuple[list[Detection], list[tuple[Condition, float, float]]]:
+        """Score what is buffered, oldest first (whole snapshots, about ``limit`` samples at
+        most; all without one): the detections, and the anomaly alerts to hold as
         (condition, when it was seen, until when it holds)."""
         if not self._values:
             return [], []
         started = time.perf_counter()
-        slots = np.concatenate(self._slots)
-        values = np.asarray(self._values, dtype=np.float64)
-        ts = np.repeat([t for t, _ in self._ts], [n for _, n in self._ts])
-        self._slots, self._values, self._ts = [], [], []
+        snapshots, count = len(self._ts), len(self._values)
+        if limit is not None and limit < count:
+            snapshots, count = 0, 0
+            while snapshots < len(self._ts) and (count == 0 or count < limit):
+                count += self._ts[snapshots][1]
+                snapshots += 1
+        batch = self._ts[:snapshots]
+        slots = np.concatenate(self._slots[:snapshots])
+        values = np.asarray(self._values[:count], dtype=np.float64)
+        ts = np.repeat([t for t, _ in batch], [n for _, n in batch])
+        del self._slots[:snapshots], self._values[:count], self._ts[:snapshots]
         result = self.bank.update(slots, values)
         self.samples_total += len(values)
         detections: list[Detection] = []

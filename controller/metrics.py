@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -153,6 +153,10 @@ class ControllerCollector(Collector):
 def registry_for(state: ControllerState) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControllerCollector(state))
+    # The process's own RSS, CPU seconds and open files (process_resident_memory_bytes, ...):
+    # what a leak or a controller running out of CPU shows up in first. A private registry
+    # does not get them by default.
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -6,14 +6,21 @@ GPUs (from the latest telemetry, else the inventory in the retained status), the
 the deployments engine shows them, and the firing alerts. A GPU's ``health`` folds the alerts
 that name it into one colour: ``critical`` when a critical alert names it or the agent reports
 it unhealthy, ``warning`` when a warning does, else ``ok``.
+
+:class:`OverviewCache` builds its JSON at most once a second however many clients ask (and the
+live stream's feed refreshes it every tick): for 2,000 hosts it is ~5 MB, and building it on the
+loop that ingests is what made every other API answer wait (tests/faults/test_load.py).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
 from aiohttp import web
 
 from llm_ops_helper.controller.fleet import HostState
@@ -121,8 +128,34 @@ def overview(state: ControllerState, now: float | None = None) -> dict[str, Any]
     }
 
 
+_json = msgspec.json.Encoder()
+MAX_AGE_S = 1.0
+
+
+@dataclass(eq=False)
+class OverviewCache:
+    """The overview as JSON bytes, built again only once older than ``max_age_s``."""
+
+    state: ControllerState
+    max_age_s: float = MAX_AGE_S
+    clock: Callable[[], float] = time.monotonic
+    _built_at: float = field(default=-math.inf, repr=False)
+    _body: bytes = field(default=b"", repr=False)
+
+    def json(self) -> bytes:
+        if self.clock() - self._built_at >= self.max_age_s:
+            self.refresh()
+        return self._body
+
+    def refresh(self) -> bytes:
+        self._body = _json.encode(overview(self.state))
+        self._built_at = self.clock()
+        return self._body
+
+
 STATE: web.AppKey[ControllerState] = web.AppKey("dashboard_state", ControllerState)
+CACHE: web.AppKey[OverviewCache] = web.AppKey("dashboard_overview", OverviewCache)
 
 
 async def get_overview(request: web.Request) -> web.Response:
-    return web.json_response(overview(request.app[STATE]))
+    return web.Response(body=request.app[CACHE].json(), content_type="application/json")

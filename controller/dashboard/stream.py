@@ -21,11 +21,10 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-import msgspec
 from aiohttp import web
 
 from llm_ops_helper.controller.auth import CALLER
-from llm_ops_helper.controller.dashboard.overview import STATE, overview
+from llm_ops_helper.controller.dashboard.overview import CACHE, STATE, OverviewCache
 from llm_ops_helper.controller.state import ControllerState
 
 INTERVAL_S = 1.0
@@ -33,11 +32,6 @@ KEEP_ALIVE_EVERY = 15  # events between two keep-alive comments
 AUTH_RECHECK_EVERY = 5  # events between two checks that the stream's token still holds
 WRITE_TIMEOUT_S = 10.0  # a client that takes no event for this long is dropped
 KEEP_ALIVE = b": keep-alive\n\n"
-_json = msgspec.json.Encoder()
-
-
-def event(name: str, data: object) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + _json.encode(data) + b"\n\n"
 
 
 @dataclass(eq=False)
@@ -50,7 +44,7 @@ class OpenStream:
 class Feed:
     """The overview, computed and encoded once a tick for all open streams."""
 
-    state: ControllerState
+    cache: OverviewCache
     version: int = 0
     chunk: bytes = b""
     error: BaseException | None = None
@@ -76,7 +70,7 @@ class Feed:
     async def _run(self) -> None:
         while self.streams and not self.closing.is_set():
             try:
-                chunk = event("overview", overview(self.state))
+                chunk = b"event: overview\ndata: " + self.cache.refresh() + b"\n\n"
             except Exception as exc:  # every stream raises it (logged there) and ends
                 self.error = exc
                 await self._publish()
@@ -188,6 +182,6 @@ async def _close_streams(app: web.Application) -> None:
 
 
 def add_routes(app: web.Application, state: ControllerState) -> None:
-    app[FEED] = Feed(state)
+    app[FEED] = Feed(app[CACHE])
     app.on_shutdown.append(_close_streams)
     app.router.add_get("/api/v1/stream", stream)

@@ -146,3 +146,34 @@ def test_a_forgotten_hosts_models_are_dropped_and_their_slots_reused(tmp_path: P
     assert len(analytics.bank.keys()) == before  # the freed slots were reused, not appended
     # Reused slots start afresh: at most this one sample learned (a first ECC rate is NaN).
     assert max(analytics.bank.learned(analytics._layouts["new"][1]).tolist()) == 1
+
+
+def test_scoring_in_steps_finds_what_one_batch_finds_in_the_same_order() -> None:
+    """The daemon scores a big batch in steps (the loop serves requests between them): the
+    steps take whole snapshots oldest first, and together score exactly what one batch would."""
+    rng = random.Random(3)
+    temps = [[60 + rng.gauss(0, 0.5) for _ in range(3)] for _ in range(200)] + [[95.0] * 3] * 3
+
+    def feed(analytics: Analytics) -> None:
+        for n, row in enumerate(temps):
+            analytics.add(telemetry(seq=n + 1, ts=float(n),
+                                    gpus=[gpu(i, temperature_c=t) for i, t in enumerate(row)]),
+                          None)
+
+    whole = Analytics(DetectorBank(), resolve_after_s=300.0)
+    stepped = Analytics(DetectorBank(), resolve_after_s=300.0)
+    feed(whole)
+    feed(stepped)
+    assert stepped.pending == whole.pending > 1000
+    expected, _ = whole.flush()
+    per_snapshot = stepped.pending // len(temps)
+    found = []
+    while stepped.pending:
+        before = stepped.pending
+        detections, _ = stepped.flush(limit=100)
+        taken = before - stepped.pending
+        assert taken % per_snapshot == 0 and 0 < taken < 100 + per_snapshot  # whole snapshots
+        found += detections
+    assert [(d.ts, d.gpu, d.series, d.score) for d in found] == [
+        (d.ts, d.gpu, d.series, d.score) for d in expected]
+    assert any(d.series == "temperature_c" for d in found)
