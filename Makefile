@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` (the main job) and `make test`.
-.PHONY: demo test lint unit bench bootstrap test-bootstrap clean
+.PHONY: demo test lint unit soak bench bootstrap test-bootstrap clean
 
 bootstrap:
 	./scripts/bootstrap.sh
@@ -15,9 +15,14 @@ lint: test-bootstrap
 	.venv/bin/mypy
 
 unit: test-bootstrap
-	.venv/bin/pytest -q
+	.venv/bin/pytest -q -m "not soak"
 
-test: lint unit
+# 2,000 simulated agents at 1 s for 10 minutes against one controller (LLMOPS_SOAK_S shortens
+# it); its figures go to bench/results/soak.json.
+soak: test-bootstrap
+	.venv/bin/pytest -q -m soak tests/faults/test_load.py
+
+test: lint unit soak
 
 bench: bootstrap
 	.venv/bin/python bench/agent_overhead.py
