@@ -70,6 +70,7 @@ class Controller:
                                    state.commands_out, password=config.broker_password())
         state.link_connected = lambda: self.link.connected
         state.ingest.link_up = lambda: self.link.connected
+        state.ingest.link_connects = lambda: self.link.connects
         state.link_counters = lambda: {
             "connects": self.link.connects, "internal_errors": self.link.internal_errors,
             "alert_publish_failures": self.link.alert_publish_failures,
@@ -175,13 +176,13 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await stop.wait()
-            try:
-                for _ in range(-(-analytics.pending // SCORE_STEP)):  # what is here now
+            for _ in range(-(-analytics.pending // SCORE_STEP)):  # what is here now
+                try:
                     self.score(SCORE_STEP)
-                    await asyncio.sleep(0)
-            except Exception:
-                self.task_errors += 1
-                log.exception("periodic_task_failed", task="score")
+                except Exception:  # that step's samples are lost, counted and logged
+                    self.task_errors += 1
+                    log.exception("periodic_task_failed", task="score")
+                await asyncio.sleep(0)
 
     async def _every(self, stop: asyncio.Event, interval: float,
                      work: Callable[[], None]) -> None:

@@ -98,6 +98,10 @@ class Ingest:
         self._freshest: float | None = None
         # The broker link's state (the daemon sets it); staleness pauses while it is down.
         self.link_up: Callable[[], bool] = lambda: True
+        # How many times the link has connected (the daemon sets it): a reconnect between two
+        # sweeps is still a reconnect, however short the outage.
+        self.link_connects: Callable[[], int] = lambda: 0
+        self._connects_seen = 0
         # The deployment engine's hooks: replica events and command results, as they arrive.
         self.on_event: Callable[[str, Event], None] = lambda host, event: None
         self.on_result: Callable[[CommandResult], None] = lambda result: None
@@ -249,6 +253,10 @@ class Ingest:
         wall, now = self.wall(), self.monotonic()
         if self._freshest is not None:
             self.stats.lag_s, self._freshest = max(0.0, self._freshest), None
+        connects = self.link_connects()
+        if connects > max(self._connects_seen, 1):
+            self._link_was_down = True  # it went down and came back since the last sweep
+        self._connects_seen = max(self._connects_seen, connects)
         if not self.link_up():
             # Cut off from the broker, the controller hears nobody: that says nothing about
             # the hosts. Their silence counts again from the reconnect.
@@ -274,6 +282,7 @@ class Ingest:
     def _forget(self, hosts: list[str]) -> None:
         for host in hosts:
             self._rule_state.pop(host, None)
+            self._lost.pop(host, None)
             for key in [k for k in self._buckets if k == host or k.startswith(host + "/")]:
                 del self._buckets[key]
             series = self.analytics.forget_host(host) if self.analytics is not None else 0

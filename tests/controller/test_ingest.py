@@ -232,3 +232,22 @@ def test_wills_from_a_broker_restart_do_not_alert_unless_the_host_stays_away(
     ingest.alerts.commit()
     assert [(a.rule, a.host, a.state) for a in ingest.sent] == [  # type: ignore[attr-defined]
         ("host_offline", "h2", "firing")]
+
+
+def test_wills_before_a_reconnect_too_quick_for_any_sweep_to_see_still_wait(
+        ingest: Ingest) -> None:
+    """The link dropped and came back between two sweeps (a broker restarted in a blink): the
+    connect count says so, and the Wills that came with it wait for the hosts to reconnect."""
+    connects = [1]
+    ingest.link_connects = lambda: connects[0]
+    ingest.sweep()
+    send(ingest, "h1", "status", status(host="h1"))
+    send(ingest, "h1", "status", status(host="h1", state="offline", reason="lost"))
+    connects[0] = 2  # down and up again, never seen down by a sweep
+    ingest.clock.t += LOST_CONFIRM_S + 1  # type: ignore[attr-defined]
+    ingest.sweep()
+    assert ingest.sent == []  # type: ignore[attr-defined]
+    ingest.clock.t += LOST_AFTER_RECONNECT_S  # type: ignore[attr-defined]
+    ingest.sweep()
+    assert [(a.rule, a.host) for a in ingest.sent] == [  # type: ignore[attr-defined]
+        ("host_offline", "h1")]
