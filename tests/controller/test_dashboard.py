@@ -17,7 +17,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from llm_ops_helper.controller.api import build_app
 from llm_ops_helper.controller.config import parse
-from llm_ops_helper.controller.dashboard.overview import gpu_health, overview, version_number
+from llm_ops_helper.controller.dashboard.overview import (
+    OverviewCache,
+    gpu_health,
+    overview,
+    version_number,
+)
 from llm_ops_helper.controller.dashboard.stream import AUTH_RECHECK_EVERY, FEED, open_streams
 from llm_ops_helper.controller.registry.records import NewVersion
 from llm_ops_helper.controller.state import ControllerState, build_state
@@ -313,3 +318,17 @@ async def test_only_files_of_the_static_folder_are_served(api: Client, state: Co
     # With a token: a path that no route matches is a 404 too, not a 401.
     r = await api.get(path, headers=bearer(state))
     assert r.status == 404, (path, r.status, await r.text())
+
+
+async def test_the_overview_is_built_at_most_once_a_second_however_many_ask(
+        state: ControllerState) -> None:
+    """At 2,000 hosts the overview is 5 MB: GETs within a second share one build."""
+    t = [0.0]
+    cache = OverviewCache(state, max_age_s=1.0, clock=lambda: t[0])
+    first = cache.json()
+    t[0] = 0.9
+    assert cache.json() is first
+    t[0] = 1.0
+    again = cache.json()
+    assert again is not first and json.loads(again)["ts"] >= json.loads(first)["ts"]
+    assert cache.refresh() is not again  # the live stream's feed rebuilds every tick

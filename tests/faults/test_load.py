@@ -8,7 +8,7 @@ for /api/v1/hosts, /api/v1/overview and /api/v1/alerts, each once a second with 
 dashboard redrawing every second would, and /metrics and the controller's RSS are sampled every
 10 s, as Prometheus would.
 
-    LLMOPS_SOAK_S=600 LLMOPS_SOAK_HOSTS=2000 pytest -m slow tests/faults/test_load.py -s
+    LLMOPS_SOAK_S=600 LLMOPS_SOAK_HOSTS=2000 pytest -m soak tests/faults/test_load.py -s   # or: make soak
 
 The promises, each asserted, with the figures written to bench/results/soak.json (a full run:
 2,000 hosts, 600 s or more) or to the test's tmp dir (a shorter one):
