@@ -115,7 +115,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "Fleet overview for the dashboard",
         "Hosts with their GPUs (utilisation, memory, temperature, power, health), deployments "
         "with their replicas, and firing alerts, in one document, built at most once a second "
-        "(it may be up to 1 s old).", "dashboard",
+        "(it may be up to 2 s old).", "dashboard",
         responses=_ok("Keys `ts`, `hosts`, `deployments`, `alerts`.", {
             "type": "object", "required": ["ts", "hosts", "deployments", "alerts"],
             "properties": {"ts": {"type": "number"},

@@ -322,13 +322,19 @@ async def test_only_files_of_the_static_folder_are_served(api: Client, state: Co
 
 async def test_the_overview_is_built_at_most_once_a_second_however_many_ask(
         state: ControllerState) -> None:
-    """At 2,000 hosts the overview is 5 MB: GETs within a second share one build."""
+    """At 2,000 hosts the overview is 5 MB: GETs within a second share one build; a GET that
+    finds it a second old gets it as it is and the rebuild runs right after, off its path; one
+    that finds it older than max_stale_s (nobody asked for a while) waits for a fresh one."""
     t = [0.0]
-    cache = OverviewCache(state, max_age_s=1.0, clock=lambda: t[0])
+    cache = OverviewCache(state, max_age_s=1.0, max_stale_s=5.0, clock=lambda: t[0])
     first = cache.json()
     t[0] = 0.9
     assert cache.json() is first
     t[0] = 1.0
-    again = cache.json()
-    assert again is not first and json.loads(again)["ts"] >= json.loads(first)["ts"]
-    assert cache.refresh() is not again  # the live stream's feed rebuilds every tick
+    assert cache.json() is first and cache.json() is first  # one rebuild scheduled
+    await asyncio.sleep(0)
+    rebuilt = cache.json()
+    assert rebuilt is not first and json.loads(rebuilt)["ts"] >= json.loads(first)["ts"]
+    t[0] = 7.0
+    assert cache.json() is not rebuilt  # too old to serve: built before answering
+    assert cache.refresh() is not rebuilt  # the live stream's feed rebuilds every tick
