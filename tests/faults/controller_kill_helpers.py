@@ -55,6 +55,18 @@ def detector_counts(path: Path) -> dict[str, int]:
     return {k: int(c) for k, c in zip(keys, counts, strict=True)}
 
 
+def most_learned_per_host(counts: dict[str, int], keys: set[str] | None = None
+                          ) -> dict[str, int]:
+    """Host -> the most samples any of its series (``keys`` only, if given) has learned. A
+    series key starts with its host: ``host|gpu|0|util``."""
+    out: dict[str, int] = {}
+    for key, n in counts.items():
+        if keys is None or key in keys:
+            host = key.split("|", 1)[0]
+            out[host] = max(out.get(host, 0), n)
+    return out
+
+
 def forecaster_history(path: Path, deployment: str) -> list[float]:
     """The load values the deployment's forecaster has learned (its point model's window),
     from an ``autoscale.pickle`` checkpoint; [] when it tracks none."""

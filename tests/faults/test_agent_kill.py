@@ -92,14 +92,20 @@ async def test_agent_sigkilled_then_restarted_adopts_live_replicas_replaces_dead
             before = await until(lambda: sim_processes(mark) if len(sim_processes(mark)) == 2
                                  else None, 30, "two replica processes")
 
-            # 1. Killed and started again: adopted, same processes.
+            # 1. Killed and started again: adopted, same processes. The controller has taken
+            # the kill in (host offline) before the restart, and the new agent has adopted
+            # (its own log says so) and is back online before anything is judged.
             await sigkill(agent)
             assert sim_processes(mark) == before, "replicas outlive a SIGKILLed agent"
+            await until(lambda: not host_online(fleet, agent.host), 30,
+                        f"{agent.host} shown offline after the kill")
             agent.daemon.start(fleet.env)
             await fleet.wait_ready(30)
-            await until(lambda: ready_on(fleet, DEPLOYMENT).get(mine) == agent.host, 30,
-                        f"{mine} ready again on {agent.host}")
-            adopted = log_events(agent.daemon.log_path, "replica_adopted")
+            adopted = await until(lambda: log_events(agent.daemon.log_path, "replica_adopted"),
+                                  30, f"{mine} adopted by the restarted agent")
+            await until(lambda: host_online(fleet, agent.host)
+                        and ready_on(fleet, DEPLOYMENT).get(mine) == agent.host, 30,
+                        f"{agent.host} online again with {mine} ready on it")
             assert [r["replica"] for r in adopted] == [mine]
             assert adopted[0]["pid"] in pids_of(before, mine)
             assert sim_processes(mark) == before, "adopted: not restarted, not duplicated"
@@ -110,13 +116,19 @@ async def test_agent_sigkilled_then_restarted_adopts_live_replicas_replaces_dead
             (old_pid,) = pids_of(before, mine)
             os.killpg(os.getpgid(old_pid), signal.SIGKILL)
             await until(lambda: old_pid not in sim_processes(mark), 10, "the replica gone")
+            await until(lambda: not host_online(fleet, agent.host), 30,
+                        f"{agent.host} shown offline after the second kill")
             restarted_at = time.time()
             agent.daemon.start(fleet.env)
             await fleet.wait_ready(30)
+            lost = await until(lambda: log_events(agent.daemon.log_path, "replica_lost"), 30,
+                               f"the restarted agent finding {mine} dead")
+
             def started_anew() -> dict[int, str] | None:
                 found = sim_processes(mark)
-                ok = len(pids_of(found, mine)) == 1 and \
-                    ready_on(fleet, DEPLOYMENT).get(mine) == agent.host
+                ok = len(pids_of(found, mine)) == 1 and old_pid not in found \
+                    and host_online(fleet, agent.host) \
+                    and ready_on(fleet, DEPLOYMENT).get(mine) == agent.host
                 return found if ok else None
 
             after = await until(started_anew, 30, f"{mine} started anew and ready")
@@ -124,7 +136,6 @@ async def test_agent_sigkilled_then_restarted_adopts_live_replicas_replaces_dead
                   f"{time.time() - restarted_at:.2f} s after the agent's start")
             assert pids_of(after, mine) != {old_pid}
             assert sorted(after.values()) == sorted(placed), "one process per replica, no more"
-            lost = log_events(agent.daemon.log_path, "replica_lost")
             assert [(r["replica"], r["action"]) for r in lost] == [(mine, "restarting")]
             # The controller kept its two replicas: nothing was re-placed.
             assert len(events(fleet, DEPLOYMENT, "replica_placed")) == 2

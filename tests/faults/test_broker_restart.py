@@ -12,17 +12,25 @@ own logs (figures printed with ``-s``):
 - every telemetry ``seq`` sampled in the outage (well inside the agents' buffer) reaches the
   controller exactly once: none missing, redeliveries counted as duplicates and dropped;
 - a scale issued just before the kill and one issued while the broker is down both take effect
-  once: the replicas end exactly as desired, one process each, each command id applied once;
+  once: every command the controller logged as sent (``command_sent``) is answered by its
+  agent exactly once, every deploy applied exactly once, every desired replica deployed; the
+  replicas end exactly as desired, one process each, none left once the fleet stops;
 - the controller shows the gap as a broker outage (``/healthz`` degraded, a new broker
   session), never as hosts lost, anomalies or alerts.
+
+The seqs sampled and the messages counted are read at one instant of the controller's ingest
+(:func:`ingest_snapshot`: ``/metrics`` scraped before and after the hosts are read, again until
+no telemetry arrived in between), so live traffic cannot put them one message apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +51,9 @@ OUTAGE_S = 30.0
 INTERVAL_S = 0.5
 AGENTS = 3
 SIM_MODULE = "llm_ops_helper.agent.runtimes.simserver"
+TELEMETRY = 'llmops_ingest_messages_total{kind="telemetry"}'
+# What an agent logs for a command it took in: applied, or answered with an error.
+OUTCOMES = ("command_applied", "command_failed", "command_rejected", "command_internal_error")
 _SAMPLE = re.compile(r'^([a-z_]+)(?:\{([^}]*)\})? ([-+0-9.eEinfa]+)$')
 
 
@@ -74,6 +85,68 @@ def last_seqs(fleet: LocalFleet) -> dict[str, tuple[str, int, float]]:
         t = fleet.get(f"/api/v1/hosts/{agent.host}")["telemetry"]
         out[agent.host] = (t["run_id"], t["seq"], t["ts"])
     return out
+
+
+def ingest_snapshot(fleet: LocalFleet, tries: int = 200
+                    ) -> tuple[dict[str, tuple[str, int, float]], dict[str, float]]:
+    """``last_seqs`` and ``/metrics`` as of one instant of the ingest: the metrics are scraped
+    before and after the hosts are read, and the read is repeated until both scrapes agree on
+    the telemetry counter (the ingest updates a host's seq and the counter in one step)."""
+    for _ in range(tries):
+        first = metrics(fleet)
+        seqs = last_seqs(fleet)
+        second = metrics(fleet)
+        if first.get(TELEMETRY) == second.get(TELEMETRY):
+            return seqs, second
+    raise AssertionError(f"telemetry arrived during each of {tries} reads of the hosts")
+
+
+def command_ledger(controller_log: Path, agent_logs: dict[str, Path],
+                   sent_before: float | None = None
+                   ) -> tuple[list[dict[str, Any]], dict[str, Counter[str]],
+                              dict[str, Counter[str]]]:
+    """(the commands the controller logged as sent, before ``sent_before`` if given; host ->
+    command id -> outcomes its agent logged; host -> command id -> times applied)."""
+    sent = [r for r in log_events(controller_log, "command_sent")
+            if sent_before is None or log_time(r) < sent_before]
+    outcomes = {h: Counter(str(r.get("command_id")) for e in OUTCOMES for r in log_events(p, e))
+                for h, p in agent_logs.items()}
+    applied = {h: Counter(r["command_id"] for r in log_events(p, "command_applied"))
+               for h, p in agent_logs.items()}
+    return sent, outcomes, applied
+
+
+def unanswered(controller_log: Path, agent_logs: dict[str, Path]) -> list[dict[str, Any]]:
+    """Commands the controller sent that their agent has not taken in (yet)."""
+    sent, outcomes, _ = command_ledger(controller_log, agent_logs, time.time())
+    return [c for c in sent if outcomes.get(c["host"], Counter())[c["command_id"]] == 0]
+
+
+def check_commands(controller_log: Path, agent_logs: dict[str, Path],
+                   desired: set[str], sent_before: float) -> dict[str, Any]:
+    """No command lost, none applied twice: every command the controller sent before
+    ``sent_before`` (the fleet's shutdown re-places replicas and sends more, to agents that
+    are stopping) was taken in by its agent exactly once, every deploy applied exactly once,
+    every desired replica deployed. What it found, for the figures."""
+    sent, outcomes, applied = command_ledger(controller_log, agent_logs, sent_before)
+    lost = [c for c in sent if outcomes.get(c["host"], Counter())[c["command_id"]] == 0]
+    twice = [c for c in sent if outcomes.get(c["host"], Counter())[c["command_id"]] > 1]
+    deploys = [c for c in sent if c["kind"] == "deploy_replica"]
+    not_applied = [c for c in deploys if applied[c["host"]][c["command_id"]] != 1]
+    deployed = {c["replica"] for c in deploys if applied[c["host"]][c["command_id"]] == 1}
+    assert not lost, f"commands sent and never taken in by their agent: {lost}"
+    assert not twice, f"commands taken in twice: {twice}"
+    assert not not_applied, f"deploys not applied exactly once: {not_applied}"
+    assert desired <= deployed, f"desired replicas never deployed: {desired - deployed}"
+    ids = [c["command_id"] for c in sent]
+    assert len(ids) == len(set(ids)), "the controller logged one command id twice"
+    return {"sent": len(sent), "kinds": dict(Counter(c["kind"] for c in sent)),
+            "deploys": len(deploys)}
+
+
+def log_time(record: dict[str, Any]) -> float:
+    """A JSON log record's time (UTC ISO 8601), in seconds since the epoch."""
+    return datetime.fromisoformat(record["timestamp"]).timestamp()
 
 
 def log_events(path: Path, event: str) -> list[dict[str, Any]]:
@@ -123,12 +196,26 @@ async def test_broker_sigkilled_for_30s_loses_no_telemetry_or_command_and_shows_
     """Mosquitto (persistence on) SIGKILLed and restarted on the same port after 30 s, with a
     controller, three agents and sim replicas running: agents reconnect; every telemetry seq
     of the outage arrives exactly once; a scale sent right before the kill and one sent during
-    the outage are neither lost nor applied twice; the controller shows a broker outage, with
-    no host lost, no anomaly and no alert for the gap."""
+    the outage are neither lost nor applied twice (every command sent is taken in by its agent
+    exactly once, every desired replica deployed, one process each, none left behind); the
+    controller shows a broker outage, with no host lost, no anomaly and no alert for the gap."""
     mark = uuid.uuid4().hex
     fleet = LocalFleet(tmp_path / "fleet", agents_count=AGENTS, gpus_per_agent=2,
                        gpu_profile="a100-sxm4-80gb", interval_s=INTERVAL_S,
                        env={"LLMOPS_FAULT_MARK": mark})
+    try:
+        figures = await _outage(fleet, tmp_path, mark)
+    finally:
+        leftovers = replica_processes(mark)
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert leftovers == [], f"replica processes left running after the fleet stopped: {leftovers}"
+    print(f"commands sent {figures}")
+
+
+async def _outage(fleet: LocalFleet, tmp_path: Path, mark: str) -> dict[str, Any]:
+    """The scenario and its assertions; the command figures."""
     async with fleet:
         assert fleet.broker is not None
         broker = fleet.broker
@@ -142,8 +229,7 @@ async def test_broker_sigkilled_for_30s_loses_no_telemetry_or_command_and_shows_
         # Right before the kill: a scale to 3, killed once the controller has sent it.
         await asyncio.to_thread(helper.scale, "sim-7b", 3)
         await until(lambda: len(helper.status("sim-7b").replicas) == 3, 15, "a third replica")
-        before = await asyncio.to_thread(last_seqs, fleet)
-        counters_before = await asyncio.to_thread(metrics, fleet)
+        before, counters_before = await asyncio.to_thread(ingest_snapshot, fleet)
         await broker.kill()
         killed_at = time.time()
 
@@ -169,8 +255,15 @@ async def test_broker_sigkilled_for_30s_loses_no_telemetry_or_command_and_shows_
                             and len(d.replicas) == 4 and d.phase == "available" and d, 60,
                             "four ready replicas")
         await asyncio.sleep(2 * INTERVAL_S)  # one more snapshot each, after the last replica
-        after = await asyncio.to_thread(last_seqs, fleet)
-        counters_after = await asyncio.to_thread(metrics, fleet)
+        assert fleet.controller is not None
+        controller_log = fleet.controller.log_path
+        agent_logs = {a.host: a.daemon.log_path for a in fleet.agents}
+        # Every command sent so far taken in by its agent (bounded: a lost one fails below).
+        with contextlib.suppress(AssertionError):
+            await until(lambda: not unanswered(controller_log, agent_logs), 30,
+                        "every command sent answered by its agent")
+        checked_at = time.time()  # commands sent after this are the shutdown's
+        after, counters_after = await asyncio.to_thread(ingest_snapshot, fleet)
         code_after, _ = await asyncio.to_thread(healthz, fleet)
         hosts_after = (await asyncio.to_thread(fleet.get, "/api/v1/hosts"))["hosts"]
         alerts = (await asyncio.to_thread(fleet.get, "/api/v1/alerts?state=all&limit=1000"))
@@ -189,8 +282,6 @@ async def test_broker_sigkilled_for_30s_loses_no_telemetry_or_command_and_shows_
                           for a in fleet.agents)
         agent_connects = {a.host: len(log_events(a.daemon.log_path, "broker_connected"))
                           for a in fleet.agents}
-        assert fleet.controller is not None
-        controller_log = fleet.controller.log_path
         controller_connects = len(log_events(controller_log, "broker_connected"))
         controller_unreachable = len(log_events(controller_log, "broker_unreachable"))
         dropped_buffer = {a.host: fleet.get(f"/api/v1/hosts/{a.host}")["telemetry"]["agent"]
@@ -200,7 +291,7 @@ async def test_broker_sigkilled_for_30s_loses_no_telemetry_or_command_and_shows_
         return counters_after.get(name, 0.0) - counters_before.get(name, 0.0)
 
     sampled = sum(after[h][1] - before[h][1] for h in before)
-    received = delta('llmops_ingest_messages_total{kind="telemetry"}')
+    received = delta(TELEMETRY)
     duplicates = delta('llmops_ingest_dropped_total{reason="duplicate"}')
     print(f"\nbroker outage {OUTAGE_S:.0f} s; agents back with fresh telemetry "
           f"{reconnected:.1f} s after the restart; agent connects {agent_connects}")
@@ -227,7 +318,9 @@ async def test_broker_sigkilled_for_30s_loses_no_telemetry_or_command_and_shows_
     assert counters_after["llmops_ingest_seq_missing"] == \
         counters_before["llmops_ingest_seq_missing"], "seqs went missing in the outage"
     assert duplicates <= AGENTS * SEND_WINDOW, "more redeliveries than messages in flight"
-    # (c) the replicas end as desired, one process each; no command applied twice.
+    # (c) the replicas end as desired, one process each; no command lost or applied twice.
+    commands = check_commands(controller_log, agent_logs, {r.name for r in final.replicas},
+                              checked_at)
     assert (final.desired, final.ready, len(final.replicas)) == (4, 4, 4)
     assert sorted(accepted) == sorted(r.name for r in final.replicas)
     assert set(accepted.values()) == {1}, f"a replica was started twice: {accepted}"
@@ -241,6 +334,7 @@ async def test_broker_sigkilled_for_30s_loses_no_telemetry_or_command_and_shows_
     assert all(h["online"] for h in hosts_after), hosts_after
     assert alerts["count"] == 0, alerts["alerts"]
     assert anomalies["count"] == 0, anomalies["anomalies"]
+    return commands
 
 
 async def test_a_saved_persistent_session_survives_a_broker_sigkill_and_restart_on_its_port(

@@ -18,7 +18,11 @@ What the test holds the controller to (figures printed with ``-s``):
 - no duplicate replicas: exactly the desired count of replica processes, each a replica the
   controller records, each accepted by an agent once;
 - the detectors and the forecaster go on from the last checkpoint: every series' learned
-  sample count, and the forecaster's learned history, continue the checkpointed ones;
+  sample count, and the forecaster's learned history, continue the checkpointed ones. The
+  restarted controller's first checkpoint proves it: a controller started afresh learns at most
+  one sample per series per snapshot of its host, so the sum over hosts of each host's largest
+  series count can not exceed the telemetry messages it has taken in since its start (its own
+  ``/metrics`` counter, read after that checkpoint); the restored controller's sum does;
 - what the agents said while it was down is reconciled: the replica that became ready
   meanwhile is seen ready after the restart, and is neither deployed again nor replaced.
 """
@@ -46,13 +50,18 @@ from tests.faults.controller_kill_helpers import (
     integrity,
     line_count,
     log_events,
+    most_learned_per_host,
     replica_groups,
     replica_processes,
     until,
 )
+from tests.faults.test_broker_restart import TELEMETRY, metrics
 
 AGENTS = 3
 REPLICAS = 3
+# Samples each host's busiest series has learned before the kill: more than a controller
+# started afresh could learn from the snapshots it takes in before its first checkpoint.
+LEARNED_BEFORE_KILL = 50
 NEW_STARTUP_S = 6.0
 DEPLOYMENT = "sim-chat"
 TARGET = f"{DEPLOYMENT}@2"
@@ -98,6 +107,8 @@ class Crash:
     history_saved: list[float]
     log_from: int
     restarted_at: float
+    counts_first: dict[str, int]  # the restarted controller's first checkpoint
+    ingested_first: float  # telemetry messages it had taken in, read after that checkpoint
 
 
 async def kill_mid_rollout(fleet: LocalFleet, tmp_path: Path, new_card: dict[str, Any],
@@ -121,9 +132,11 @@ async def kill_mid_rollout(fleet: LocalFleet, tmp_path: Path, new_card: dict[str
     urls = [e.url for e in helper.endpoints(DEPLOYMENT)]
     await asyncio.to_thread(lambda: [openai_chat(u, DEPLOYMENT, max_tokens=16)
                                      for _ in range(10) for u in urls])
+    hosts = {a.host for a in fleet.agents}
     await until(lambda: any(forecaster_history(autoscale, DEPLOYMENT))
-                and max(detector_counts(detectors).values(), default=0) >= 10,
-                60, "a checkpoint with learned detector and forecaster state")
+                and (m := most_learned_per_host(detector_counts(detectors))).keys() >= hosts
+                and min(m[h] for h in hosts) >= LEARNED_BEFORE_KILL,
+                90, "a checkpoint with learned detector and forecaster state")
 
     # Version 2, slow to start: the rollout places one new replica at a time.
     v2 = write_model_card(tmp_path / f"{DEPLOYMENT}-2.toml", itl_ms=1.0, **new_card)
@@ -165,6 +178,16 @@ async def kill_mid_rollout(fleet: LocalFleet, tmp_path: Path, new_card: dict[str
     restarted_at = time.time()
     await until(lambda: status(helper), 60, "the controller's API after the restart")
     answering_s = time.time() - restarted_at
+
+    def first_checkpoint() -> tuple[dict[str, int], float] | None:
+        if detectors.stat().st_mtime <= restarted_at:
+            return None
+        counts = detector_counts(detectors)
+        ingested = metrics(fleet).get(TELEMETRY)  # read after the checkpoint
+        return None if ingested is None else (counts, ingested)
+
+    counts_first, ingested_first = await until(
+        first_checkpoint, 30, "the restarted controller's first detector checkpoint")
     rows_restarted = await asyncio.to_thread(durable_rows, db)
     return Crash(helper, {r.name for r in first.replicas}, caught,
                  [(r.name, r.version, r.state) for r in at_kill.replicas], down_s, answering_s,
@@ -172,7 +195,7 @@ async def kill_mid_rollout(fleet: LocalFleet, tmp_path: Path, new_card: dict[str
                   "restarted": rows_restarted}, check, checkpoint_age,
                  detector_counts(saved / DETECTORS_FILE),
                  forecaster_history(saved / AUTOSCALE_FILE, DEPLOYMENT), log_from,
-                 restarted_at)
+                 restarted_at, counts_first, ingested_first)
 
 
 @dataclass
@@ -231,6 +254,10 @@ def report(crash: Crash, out: Outcome) -> None:
           f"{len(crash.counts_saved)} series, {sum(crash.counts_saved.values())} samples saved "
           f"-> {sum(out.counts_now[k] for k in learned)} after; forecaster history "
           f"{len(crash.history_saved)} -> {len(out.history_now)} values")
+    first = most_learned_per_host(crash.counts_first, learned)
+    print(f"first checkpoint after the restart: busiest series per host {first} (saved "
+          f"{most_learned_per_host(crash.counts_saved, learned)}), sum {sum(first.values())} "
+          f"against {crash.ingested_first:.0f} telemetry messages taken in since the restart")
 
 
 def assert_intact_and_restored(fleet: LocalFleet, crash: Crash, out: Outcome) -> None:
@@ -260,6 +287,17 @@ def assert_intact_and_restored(fleet: LocalFleet, crash: Crash, out: Outcome) ->
     assert all(out.counts_now[k] >= crash.counts_saved[k] for k in learned), {
         k: (crash.counts_saved[k], out.counts_now[k]) for k in learned
         if out.counts_now[k] < crash.counts_saved[k]}
+    # Restored, not learned again: right after the restart every saved series is there with
+    # at least its saved count, and the counts add up to more than a controller started
+    # afresh could have learned from the telemetry it had taken in.
+    assert learned <= crash.counts_first.keys(), learned - crash.counts_first.keys()
+    assert all(crash.counts_first[k] >= crash.counts_saved[k] for k in learned), {
+        k: (crash.counts_saved[k], crash.counts_first[k]) for k in learned
+        if crash.counts_first[k] < crash.counts_saved[k]}
+    first = most_learned_per_host(crash.counts_first, learned)
+    assert sum(first.values()) > crash.ingested_first, (
+        f"the first checkpoint after the restart ({first}) is no more than a fresh start "
+        f"could learn from {crash.ingested_first:.0f} snapshots")
     assert any(crash.history_saved), "no load learned before the kill"
     assert out.history_now[:len(crash.history_saved)] == crash.history_saved, \
         "the forecaster started afresh"

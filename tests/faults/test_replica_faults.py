@@ -12,7 +12,13 @@ The promises:
   is given up after its crash-loop limit, and the controller re-places it on another host only
   after its own backoff: placements never come faster than the backoff allows, one per failure;
 - a replica that hangs is caught by the liveness probe (a timeout, not a refused connection),
-  its process is killed, and a new process of the same replica serves again.
+  its process is killed, and a new process of the same replica serves again, and keeps
+  serving. The hang fires once: as soon as the first process has read its model card, the
+  test takes the fault out of the agent's cached copy of that card (same size, so the cache
+  keeps it), so the process the agent starts next is a healthy one and the window to see it
+  serve is not bounded by a second hang.
+
+No replica process outlives its fleet; any that does is killed and fails the test.
 
 Figures (``-s``): the agent's restart delays and the measured exit-to-start gaps; placements
 and their spacing against the backoff; seconds from a hang to the replica serving again.
@@ -21,7 +27,10 @@ and their spacing against the backoff; seconds from a hang to the replica servin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
+import signal
 import socket
 import time
 import urllib.request
@@ -45,6 +54,7 @@ from tests.faults.fleetwatch import (
 )
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 4.0
+LIVENESS_INTERVAL_S = 0.5
 CRASH_LOOP_RESTARTS = 3  # ReplicaSpec.crash_loop_restarts' default
 
 
@@ -54,7 +64,8 @@ def make_fleet(tmp_path: Path, mark: str) -> LocalFleet:
         interval_s=0.5, env={MARK: mark},
         agent_overrides={"supervisor": {"restart_backoff_min_s": BACKOFF_MIN_S,
                                         "restart_backoff_max_s": BACKOFF_MAX_S,
-                                        "liveness_interval_s": 0.5, "liveness_failures": 2}},
+                                        "liveness_interval_s": LIVENESS_INTERVAL_S,
+                                        "liveness_failures": 2}},
         controller_overrides={"rules": {"replica_startup_grace_s": 0.5}})
 
 
@@ -139,8 +150,33 @@ async def test_crash_looping_replica_backs_off_alerts_and_is_re_placed_without_f
                 list(range(1, len(backoffs) + 1))
             assert all(e["kind"] != "rollback_started" for e in history)
     finally:
-        leftovers = sim_processes(mark)
+        leftovers = kill_leftovers(mark)
     assert leftovers == {}, f"replica processes left running after the fleet stopped: {leftovers}"
+
+
+def kill_leftovers(mark: str) -> dict[int, str]:
+    """The test's replica processes still running, each SIGKILLed (the test fails on them)."""
+    leftovers = sim_processes(mark)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return leftovers
+
+
+def model_card_of(pid: int) -> Path:
+    """The ``--model-card`` a simulator process was started with (the agent's cached blob)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return Path(argv[argv.index("--model-card") + 1])
+
+
+def disarm_hang(card: Path) -> None:
+    """Comment out ``hang_after_s`` in a model card, keeping its size (the agent's cache takes
+    a blob of another size for a broken one)."""
+    text = card.read_text()
+    assert text.count("\nhang_after_s") == 1, text
+    disarmed = text.replace("\nhang_after_s", "\n#ang_after_s")
+    card.write_text(disarmed)
+    assert card.stat().st_size == len(text.encode())
 
 
 def hangs(url: str, timeout_s: float = 1.0) -> bool:
@@ -170,7 +206,8 @@ def answers(url: str) -> bool:
 async def test_hung_replica_is_caught_by_liveness_probe_and_replaced(tmp_path: Path) -> None:
     """A replica whose server starts hanging 1.5 s after becoming ready (it accepts
     connections, answers nothing, health included): the liveness probe times out, the agent
-    kills that process and starts a new one, which serves again."""
+    kills that process and starts a new one, which serves again and is still serving, with no
+    further probe failure, several liveness intervals later."""
     mark = uuid.uuid4().hex
     fleet = make_fleet(tmp_path, mark)
     name = "sim-hang"
@@ -181,6 +218,8 @@ async def test_hung_replica_is_caught_by_liveness_probe_and_replaced(tmp_path: P
             (replica,) = replicas(fleet, name)
             url = replica["url"]
             (hung_pid,) = sim_processes(mark)
+            # The fault fires once: the next process the agent starts reads a card without it.
+            disarm_hang(model_card_of(hung_pid))
             await until(lambda: hangs(url), 30, "the replica hanging", pause_s=0.1)
             hung_at = time.time()
 
@@ -194,14 +233,25 @@ async def test_hung_replica_is_caught_by_liveness_probe_and_replaced(tmp_path: P
             again = await until(serving_again, 60, "a new process serving", pause_s=0.1)
             print(f"\nhung replica caught and serving again after {time.time() - hung_at:.2f} s")
             assert again["name"] == replica["name"] and again["restarts"] >= 1
+            (new_pid,) = sim_processes(mark)
             agent = next(a for a in fleet.agents if a.host == replica["host"])
+            probes_then = len([r for r in log_events(agent.daemon.log_path,
+                                                     "replica_probe_failed")
+                               if r["replica"] == replica["name"]])
+            # Still serving, the same process, six liveness intervals later.
+            await asyncio.sleep(6 * LIVENESS_INTERVAL_S)
+            assert set(sim_processes(mark)) == {new_pid}, "the new process did not last"
+            (later,) = replicas(fleet, name)
+            assert later["state"] == "ready" and await asyncio.to_thread(answers, later["url"])
             probes = [r for r in log_events(agent.daemon.log_path, "replica_probe_failed")
                       if r["replica"] == replica["name"]]
+            assert len(probes) == probes_then, "probe failures after the replacement"
             assert probes and all("no answer from" in r["error"] for r in probes), probes
             restarting = log_events(agent.daemon.log_path, "replica_restarting")
+            assert len(restarting) == 1, restarting
             assert "health probe failed" in restarting[0]["after"]
     finally:
-        leftovers = sim_processes(mark)
+        leftovers = kill_leftovers(mark)
     assert leftovers == {}, f"replica processes left running after the fleet stopped: {leftovers}"
 
 
