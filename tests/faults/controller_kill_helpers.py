@@ -3,12 +3,9 @@ checkpoint files, the agents' logs and state files, and the replica processes in
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import pickle
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,22 +78,6 @@ def forecaster_history(path: Path, deployment: str) -> list[float]:
     return list(forecaster.model._values)
 
 
-def log_events(path: Path, event: str, since_line: int = 0) -> list[dict[str, Any]]:
-    """JSON log records named ``event`` from line ``since_line`` on."""
-    out = []
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    for line in lines[since_line:]:
-        if f'"{event}"' not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == event:
-            out.append(record)
-    return out
-
-
 def line_count(path: Path) -> int:
     return len(path.read_text(errors="replace").splitlines()) if path.exists() else 0
 
@@ -121,19 +102,3 @@ def replica_groups(fleet: LocalFleet) -> dict[int, str]:
     """Process group -> replica name, from every agent's state file."""
     return {pgid: name for agent in fleet.agents
             for name, pgid in agent.replica_groups().items()}
-
-
-async def until(predicate: Any, timeout_s: float, what: str) -> Any:
-    """Poll ``predicate`` (in a thread) until it is truthy; its value. Fails after the bound."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = await asyncio.to_thread(predicate)
-        except OSError as exc:  # the controller is not answering yet
-            last = exc
-        else:
-            if last:
-                return last
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")

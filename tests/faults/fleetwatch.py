@@ -77,10 +77,12 @@ def host_online(fleet: LocalFleet, host: str) -> bool:
     return bool({h["host"]: h["online"] for h in fleet.get("/api/v1/hosts")["hosts"]}[host])
 
 
-def log_events(path: Path, event: str) -> list[dict[str, Any]]:
-    """The JSON log records named ``event`` in a daemon's log, in order."""
+def log_events(path: Path, event: str, since_line: int = 0) -> list[dict[str, Any]]:
+    """The JSON log records named ``event`` in a daemon's log from line ``since_line`` on, in
+    order (none while the log does not exist yet)."""
     out = []
-    for line in path.read_text(errors="replace").splitlines():
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for line in lines[since_line:]:
         if f'"{event}"' not in line:
             continue
         try:

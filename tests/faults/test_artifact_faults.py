@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -39,6 +38,7 @@ from typing import Any
 
 from llm_ops_helper.client import LLMOpsHelper
 from llm_ops_helper.localfleet import LocalFleet
+from tests.faults.fleetwatch import log_events, until
 
 INTERVAL_S = 0.5
 # systemd/llmops-controller.service: Restart=on-failure, RestartSec=2.
@@ -190,28 +190,6 @@ def sha256_file(path: Path) -> str:
         while block := f.read(4 * MiB):
             digest.update(block)
     return digest.hexdigest()
-
-
-async def until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await asyncio.to_thread(predicate)
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
-
-
-def log_events(path: Path, event: str) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if f'"{event}"' in line:
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if record.get("event") == event:
-                    out.append(record)
-    return out
 
 
 def registry_rows(fleet: LocalFleet, model: str) -> int:

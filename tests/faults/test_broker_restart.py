@@ -45,6 +45,7 @@ from llm_ops_helper.agent.runtimes.simserver.card import write_model_card
 from llm_ops_helper.broker import LocalMosquitto
 from llm_ops_helper.client import LLMOpsHelper
 from llm_ops_helper.localfleet import LocalFleet
+from tests.faults.fleetwatch import log_events, log_time, until
 from tests.integration.harness import Recorder, publish
 
 OUTAGE_S = 30.0
@@ -144,25 +145,6 @@ def check_commands(controller_log: Path, agent_logs: dict[str, Path],
             "deploys": len(deploys)}
 
 
-def log_time(record: dict[str, Any]) -> float:
-    """A JSON log record's time (UTC ISO 8601), in seconds since the epoch."""
-    return datetime.fromisoformat(record["timestamp"]).timestamp()
-
-
-def log_events(path: Path, event: str) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if f'"{event}"' not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == event:
-            out.append(record)
-    return out
-
-
 def replica_processes(mark: str) -> list[int]:
     """Pids of simulator servers (replicas) carrying this test's environment mark."""
     found = []
@@ -178,17 +160,6 @@ def replica_processes(mark: str) -> list[int]:
                 and SIM_MODULE.encode() in argv:
             found.append(int(entry.name))
     return found
-
-
-async def until(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await asyncio.to_thread(predicate)
-        if last:
-            return last
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 async def test_broker_sigkilled_for_30s_loses_no_telemetry_or_command_and_shows_an_outage(

@@ -49,12 +49,11 @@ from tests.faults.controller_kill_helpers import (
     forecaster_history,
     integrity,
     line_count,
-    log_events,
     most_learned_per_host,
     replica_groups,
     replica_processes,
-    until,
 )
+from tests.faults.fleetwatch import log_events, until
 from tests.faults.test_broker_restart import TELEMETRY, metrics
 
 AGENTS = 3

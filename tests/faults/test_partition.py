@@ -48,15 +48,14 @@ from llm_ops_helper.agent.runtimes.simserver.card import write_model_card
 from llm_ops_helper.broker import LocalMosquitto, free_port
 from llm_ops_helper.client import LLMOpsHelper
 from llm_ops_helper.localfleet import LocalFleet
+from tests.faults.fleetwatch import log_events, log_time, until
 from tests.faults.netns import NetNamespace
 from tests.faults.test_broker_restart import (
     check_commands,
     ingest_snapshot,
     last_seqs,
-    log_events,
     replica_processes,
     unanswered,
-    until,
 )
 
 PARTITION_S = 60.0
@@ -74,10 +73,6 @@ CUT_HOST_GPUS = 4
 def host_summary(fleet: LocalFleet, host: str) -> dict[str, Any]:
     hosts = fleet.get("/api/v1/hosts")["hosts"]
     return next(h for h in hosts if h["host"] == host)
-
-
-def log_ts(record: dict[str, Any]) -> float:
-    return datetime.fromisoformat(record["timestamp"]).timestamp()
 
 
 def first_after(records: list[dict[str, Any]], t: float) -> float | None:
@@ -250,8 +245,8 @@ async def _partition(tmp_path: Path, mark: str) -> None:
           f"answered from the result cache; replicas accepted {dict(accepted)}; "
           f"{len(processes)} replica processes; the third ({third_replica.name}) placed on "
           f"{third_replica.host} (all: {third_on}), its deploy sent "
-          f"{[round(log_ts(r) - cut_at, 2) for r in third_sent]} s after the cut and applied "
-          f"{[round(log_ts(r) - healed_at, 2) for r in third_applied]} s after the heal, "
+          f"{[round(log_time(r) - cut_at, 2) for r in third_sent]} s after the cut and applied "
+          f"{[round(log_time(r) - healed_at, 2) for r in third_applied]} s after the heal, "
           f"applied on {CUT_HOST} after the heal {after_heal}; during the cut: desired {during.desired}, "
           f"ready {during.ready}, on {sorted(str(r.host) for r in during.replicas)}; final on "
           f"{sorted(str(r.host) for r in final.replicas)}")
@@ -272,9 +267,9 @@ async def _partition(tmp_path: Path, mark: str) -> None:
     # (c) the scale sent as the link went down: placed on the cut-off host, its deploy sent
     # there after the cut and applied there after the heal (once: check_commands below).
     assert str(third_replica.host) == CUT_HOST, f"the third replica went to {third_replica.host}"
-    assert third_sent and all(log_ts(r) >= cut_at and r["host"] == CUT_HOST
+    assert third_sent and all(log_time(r) >= cut_at and r["host"] == CUT_HOST
                               for r in third_sent), third_sent
-    assert third_applied and all(log_ts(r) > healed_at for r in third_applied), third_applied
+    assert third_applied and all(log_time(r) > healed_at for r in third_applied), third_applied
     assert accepted[third_replica.name] == 1, accepted
     # The replicas end as desired, one process each; no command lost or applied twice.
     commands = check_commands(controller_log, logs, {r.name for r in final.replicas},
