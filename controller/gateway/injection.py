@@ -188,7 +188,10 @@ class HeuristicClassifier:
     the text talks about attacks (quotes a phrase, names a paper, a shell's prompt)."""
 
     def score(self, text: str) -> float:
+        fired = features(text)
+        if not fired:
+            return 0.0
         keep = 1.0
-        for name in features(text):
+        for name in fired:
             keep *= 1.0 - _WEIGHT[name]
         return (1.0 - keep) * (_META_FACTOR if _META.search(text) else 1.0)
