@@ -69,6 +69,11 @@ class Meter:
         with self._connect() as db:
             db.execute(_SCHEMA)
         self._pending: Counter[tuple[int, str, str, str]] = Counter()
+        # The labelled series of each (key, model, status), looked up once: labels() takes a
+        # lock and builds a tuple, on every request otherwise. Keys, models and statuses are
+        # few (configured keys, deployments, HTTP codes), so this stays small.
+        self._series: dict[tuple[str, str, int], tuple[PromCounter, PromCounter,
+                                                       PromCounter]] = {}
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10)
@@ -76,12 +81,17 @@ class Meter:
         return db
 
     def record(self, key: str, model: str, status: int, prompt: int, completion: int) -> None:
-        m = self.metrics
-        m.requests.labels(key, model, str(status)).inc()
+        if (series := self._series.get((key, model, status))) is None:
+            m = self.metrics
+            series = self._series[key, model, status] = (
+                m.requests.labels(key, model, str(status)), m.tokens.labels(key, model, "prompt"),
+                m.tokens.labels(key, model, "completion"))
+        requests, prompt_tokens, completion_tokens = series
+        requests.inc()
         if prompt:
-            m.tokens.labels(key, model, "prompt").inc(prompt)
+            prompt_tokens.inc(prompt)
         if completion:
-            m.tokens.labels(key, model, "completion").inc(completion)
+            completion_tokens.inc(completion)
         hour = int(self.clock()) // 3600 * 3600
         self._pending[(hour, key, model, "requests")] += 1
         self._pending[(hour, key, model, "prompt")] += prompt
