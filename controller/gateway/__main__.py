@@ -18,7 +18,7 @@ from aiohttp import web
 
 from llm_ops_helper import logs
 from llm_ops_helper.controller.gateway import config as gateway_config
-from llm_ops_helper.controller.gateway.app import Gateway, Guards, build_app
+from llm_ops_helper.controller.gateway.app import Gateway, Guards, GuardsFor, build_app
 from llm_ops_helper.controller.gateway.config import EX_CONFIG, ConfigError, KeyConfig
 from llm_ops_helper.controller.gateway.metering import GatewayMetrics, Meter
 from llm_ops_helper.controller.gateway.routing import Router
@@ -29,21 +29,39 @@ SHUTDOWN_TIMEOUT_S = 15.0
 log = structlog.get_logger("llmops.gateway")
 
 
-def guards_builder(config: gateway_config.GatewayConfig) -> Callable[[KeyConfig], Guards | None]:
-    """One Guards per profile, shared by the keys that name it; inline tables get their own."""
-    from llm_ops_helper.controller.gateway.guards import build_guards
+def guards_builder(config: gateway_config.GatewayConfig) -> GuardsFor:
+    """The guards of a key's requests to a deployment, each built once: one Guards per profile,
+    shared by the keys and models that name it, one per inline table, and one GuardChain per
+    (key, deployment) where both have guards (the key's checks first)."""
+    from llm_ops_helper.controller.gateway.guards import GuardChain, GuardConfig, build_guards
+    from llm_ops_helper.controller.gateway.guards import Guards as ProfileGuards
 
-    built: dict[str, Guards] = {}
+    profiles: dict[str, ProfileGuards] = {}
 
-    def guards_for(key: KeyConfig) -> Guards | None:
-        guard_config = config.guard_config(key)
+    def built(spec: gateway_config.GuardSpec, guard_config: GuardConfig | None
+              ) -> ProfileGuards | None:
         if guard_config is None:
             return None
-        if isinstance(key.guards, str):
-            if key.guards not in built:
-                built[key.guards] = build_guards(guard_config)
-            return built[key.guards]
+        if isinstance(spec, str):
+            if spec not in profiles:
+                profiles[spec] = build_guards(guard_config)
+            return profiles[spec]
         return build_guards(guard_config)
+
+    by_key = {key.name: built(key.guards, config.guard_config(key)) for key in config.keys}
+    by_model = {model.name: built(model.guards, config.model_guard_config(model))
+                for model in config.models}
+    chains: dict[tuple[str, str], Guards] = {}
+
+    def guards_for(key: KeyConfig, deployment: str | None) -> Guards | None:
+        own = by_key[key.name]
+        if deployment is None or (model := by_model.get(deployment)) is None or model is own:
+            return own  # the same profile on key and model runs once
+        if own is None:
+            return model
+        if (key.name, deployment) not in chains:
+            chains[key.name, deployment] = GuardChain([own, model])
+        return chains[key.name, deployment]
     return guards_for
 
 

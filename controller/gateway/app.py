@@ -63,7 +63,8 @@ class Verdict(Protocol):
 
 
 class Guards(Protocol):
-    """What the gateway asks of a key's guards (controller/gateway/guards.py)."""
+    """What the gateway asks of a request's guards: its key's, its model's, or both
+    (controller/gateway/guards.py)."""
 
     def check_input(self, messages: Any, /, *, prompt_tokens: int) -> Verdict: ...
     def redactor(self) -> Redactor: ...
@@ -77,11 +78,16 @@ def error(status: int, message: str, code: str, kind: str = "invalid_request_err
                         content_type="application/json")
 
 
+# The guards of one key's requests to one deployment (None: a deployment without its own).
+GuardsFor = Callable[[KeyConfig, str | None], Guards | None]
+
+
 @dataclass(slots=True)
 class Caller:
     key: KeyConfig
     limits: KeyLimits
-    guards: Guards | None
+    guards: Guards | None  # for a deployment without guards of its own
+    model_guards: dict[str, Guards]  # deployment -> the key's and its guards together
 
 
 class Gateway:
@@ -89,11 +95,12 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, router: Router, meter: Meter,
                  session: aiohttp.ClientSession,
-                 guards_for: Callable[[KeyConfig], Guards | None] = lambda key: None,
+                 guards_for: GuardsFor = lambda key, deployment: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.router, self.meter, self.session = config, router, meter, session
         self.clock = clock
-        self.callers = {k.sha256: Caller(k, KeyLimits(k, clock()), guards_for(k))
+        self.callers = {k.sha256: Caller(k, KeyLimits(k, clock()), guards_for(k, None),
+                                         _model_guards(config, k, guards_for))
                         for k in config.keys}
         limits = config.limits
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s,
@@ -104,6 +111,14 @@ class Gateway:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return self.callers.get(hashlib.sha256(token.strip().encode()).hexdigest())
+
+
+def _model_guards(config: GatewayConfig, key: KeyConfig, guards_for: GuardsFor
+                  ) -> dict[str, Guards]:
+    """Deployment -> a key's guards there, for the deployments with guards of their own: built
+    once, so a request pays one dict lookup for them."""
+    found = {model.name: guards_for(key, model.name) for model in config.models}
+    return {name: guards for name, guards in found.items() if guards is not None}
 
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -118,6 +133,7 @@ class Call:
     caller: Caller
     model: str
     route: Route
+    guards: Guards | None  # the key's and the deployment's
     chat: bool
     body: dict[str, Any]
     payload: bytes
@@ -183,8 +199,10 @@ async def _admit(request: web.Request, gw: Gateway, chat: bool) -> Call | web.Re
         gw.meter.record(caller.key.name, route.deployment, 429, 0, 0)
         return error(429, refusal.message, refusal.code, kind="rate_limit_error",
                      headers={"Retry-After": str(refusal.retry_after_s)})
-    if caller.guards is not None:
-        verdict = caller.guards.check_input(value, prompt_tokens=prompt)
+    # By the resolved deployment, so that an alias or a version ref is guarded as well.
+    guards = caller.model_guards.get(route.deployment, caller.guards)
+    if guards is not None:
+        verdict = guards.check_input(value, prompt_tokens=prompt)
         if verdict.action != "allow":
             gw.meter.metrics.guard_actions.labels(verdict.check, verdict.action).inc()
         if verdict.action == "block":
@@ -204,8 +222,8 @@ async def _admit(request: web.Request, gw: Gateway, chat: bool) -> Call | web.Re
     if route.version is not None:  # replicas serve under the deployment's name
         body["model"] = route.deployment
         changed = True
-    return Call(caller, model, route, chat, body, _encode.encode(body) if changed else raw,
-                stream, wants_usage, prompt, charged)
+    return Call(caller, model, route, guards, chat, body,
+                _encode.encode(body) if changed else raw, stream, wants_usage, prompt, charged)
 
 
 async def _connect(gw: Gateway, call: Call, path: str
@@ -300,7 +318,7 @@ async def _whole(gw: Gateway, call: Call, resp: aiohttp.ClientResponse
         answer = _decode.decode(raw)
     except msgspec.DecodeError:
         return web.Response(body=raw, content_type="application/json"), call.prompt_estimate, 0
-    guards = call.caller.guards
+    guards = call.guards
     if redact_whole(answer, call.chat, guards.redact if guards is not None else None):
         raw = _encode.encode(answer)
     usage = answer.get("usage") if isinstance(answer, dict) else None
@@ -314,7 +332,7 @@ async def _whole(gw: Gateway, call: Call, resp: aiohttp.ClientResponse
 
 async def _stream(request: web.Request, gw: Gateway, call: Call, resp: aiohttp.ClientResponse,
                   replica: Replica) -> tuple[web.StreamResponse, int, int]:
-    guards = call.caller.guards
+    guards = call.guards
     rewriter = StreamRewriter(call.chat, guards.redactor if guards is not None else None,
                               drop_usage_chunk=not call.client_wants_usage)
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream",

@@ -26,6 +26,10 @@
     max_completion_tokens = 1024
     guards = "default"      # a profile of [guards.NAME], or an inline table
 
+    [[models]]
+    name = "tiny"           # a deployment: its versions and aliases (tiny@2) too
+    guards = "strict"       # on every request to it, as well as the key's own
+
 A bad file raises :class:`ConfigError` naming the file and the key (exit 78).
 """
 
@@ -37,6 +41,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from llm_ops_helper.controller.deployments.spec import NAME as DEPLOYMENT_NAME
 from llm_ops_helper.controller.gateway.guards import GuardConfig, parse_guard_config
 from llm_ops_helper.tomlfile import (
     EX_CONFIG,
@@ -50,12 +55,14 @@ from llm_ops_helper.tomlfile import (
     resolve,
 )
 
-__all__ = ["EX_CONFIG", "ConfigError", "GatewayConfig", "KeyConfig", "load", "parse_config"]
+__all__ = ["EX_CONFIG", "ConfigError", "GatewayConfig", "KeyConfig", "ModelConfig", "load",
+           "parse_config"]
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 _NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,100}$")
+GuardSpec = str | dict[str, Any] | None  # a profile's name, an inline table, or no guards
 
 
 class Http(Section, kw_only=True, frozen=True):
@@ -117,6 +124,14 @@ class KeyConfig(Section, kw_only=True, frozen=True):
         return "*" in self.models or model in self.models
 
 
+class ModelConfig(Section, kw_only=True, frozen=True):
+    # A deployment's name; its versions and aliases (name@N, name@alias) are guarded with it.
+    name: str
+    # A guard profile's name, or an inline table of guard keys, for every request to this
+    # deployment; a key's own guards apply as well.
+    guards: str | dict[str, Any] | None = None
+
+
 class GatewayConfig(Section, kw_only=True, frozen=True):
     controller: Controller
     state: State
@@ -124,7 +139,9 @@ class GatewayConfig(Section, kw_only=True, frozen=True):
     limits: Limits = Limits()
     # API keys the gateway accepts.
     keys: list[KeyConfig] = msgspec.field(default_factory=list)
-    # Guard profiles, [guards.NAME], that keys name.
+    # Deployments with guards of their own, which a request to one gets besides its key's.
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+    # Guard profiles, [guards.NAME], that keys and models name.
     guards: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     # Least level written to the JSON log (debug, info, warning, error).
     log_level: str = "info"
@@ -137,11 +154,18 @@ class GatewayConfig(Section, kw_only=True, frozen=True):
 
     def guard_config(self, key: KeyConfig) -> GuardConfig | None:
         """The guards a key names (a profile or an inline table); None: no guards."""
-        if key.guards is None:
+        return self._guards_of(key.guards, f"keys.{key.name}.guards")
+
+    def model_guard_config(self, model: ModelConfig) -> GuardConfig | None:
+        """The guards a deployment names (a profile or an inline table); None: no guards."""
+        return self._guards_of(model.guards, f"models.{model.name}.guards")
+
+    def _guards_of(self, spec: GuardSpec, inline_where: str) -> GuardConfig | None:
+        if spec is None:
             return None
-        if isinstance(key.guards, str):
-            return parse_guard_config(self.guards[key.guards], f"guards.{key.guards}")
-        return parse_guard_config(key.guards, f"keys.{key.name}.guards")
+        if isinstance(spec, str):
+            return parse_guard_config(self.guards[spec], f"guards.{spec}")
+        return parse_guard_config(spec, inline_where)
 
 
 def parse_config(text: str, source: str) -> GatewayConfig:
@@ -158,16 +182,17 @@ def parse_config(text: str, source: str) -> GatewayConfig:
         if key.sha256 in {k.sha256 for k in config.keys[:i]}:
             raise ConfigError(f"{where}: sha256: the same API key is listed twice")
         seen.add(key.name)
-        if isinstance(key.guards, str) and key.guards not in config.guards:
-            raise ConfigError(f"{where}: guards: no profile [guards.{key.guards}] "
-                              f"(profiles: {', '.join(config.guards) or 'none'})")
+        _check_profile(config, key.guards, where)
         if not key.models:
             raise ConfigError(f"{where}: models: expected at least one model or \"*\"")
+    _check_models(config, source)
     try:
         for name, raw in config.guards.items():
             parse_guard_config(raw, f"guards.{name}")
         for key in config.keys:
             config.guard_config(key)
+        for model in config.models:
+            config.model_guard_config(model)
     except ConfigError as exc:
         raise ConfigError(f"{source}: key {exc}") from None
     token = None
@@ -175,6 +200,25 @@ def parse_config(text: str, source: str) -> GatewayConfig:
         token = read_secret(source, config.controller.token_file,
                             "controller.token_file").decode()
     return msgspec.structs.replace(config, controller_token=token, source=source)
+
+
+def _check_profile(config: GatewayConfig, spec: GuardSpec, where: str) -> None:
+    if isinstance(spec, str) and spec not in config.guards:
+        raise ConfigError(f"{where}: guards: no profile [guards.{spec}] "
+                          f"(profiles: {', '.join(config.guards) or 'none'})")
+
+
+def _check_models(config: GatewayConfig, source: str) -> None:
+    seen: set[str] = set()
+    for i, model in enumerate(config.models):
+        where = f"{source}: key 'models[{i}]' ({model.name!r})"
+        if not DEPLOYMENT_NAME.fullmatch(model.name):
+            raise ConfigError(f"{where}: name: expected a deployment's name (1-40 of a-z 0-9 -, "
+                              "no @version: its versions and aliases are guarded with it)")
+        if model.name in seen:
+            raise ConfigError(f"{where}: name: duplicate model name")
+        seen.add(model.name)
+        _check_profile(config, model.guards, where)
 
 
 def load(path: str | Path) -> GatewayConfig:

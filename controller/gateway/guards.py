@@ -5,7 +5,8 @@ into :class:`GuardConfig`) and shared by the keys and models that name it. Input
 order on the request's messages (or completion prompt); the first ``block`` wins, a ``redact``
 replaces the messages for the checks after it. Output redaction runs on whole responses with
 :func:`redact` and on streams with :meth:`Guards.redactor`, which gives the same text for any
-split into chunks.
+split into chunks. A request whose key and model both have guards gets a :class:`GuardChain`
+of the two: security checks only add up.
 
 A blocked request gets :func:`openai_error`'s body; what gets logged about the offending text
 is :func:`fingerprint` (a hash and a length), never the text.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -29,6 +30,7 @@ from llm_ops_helper.tomlfile import ConfigError, describe
 __all__ = [
     "KINDS",
     "DenyListCheck",
+    "GuardChain",
     "GuardConfig",
     "Guards",
     "HeuristicClassifier",
@@ -37,6 +39,7 @@ __all__ = [
     "InputCheck",
     "Messages",
     "RedactKind",
+    "RedactorChain",
     "SizeCheck",
     "StreamRedactor",
     "Verdict",
@@ -60,6 +63,8 @@ class Verdict(msgspec.Struct, frozen=True):
     score: float | None = None
     messages: Messages | None = None
 
+
+_ALLOWED = Verdict("allow", "", "")  # what a request no check acted on gets (shared: frozen)
 
 
 class InputCheck(Protocol):
@@ -238,7 +243,7 @@ class Guards:
 
     def check_input(self, messages: Messages, *, prompt_tokens: int) -> Verdict:
         """The first block, else the last redact (its ``messages`` to forward), else allow."""
-        result = Verdict("allow", "", "")
+        result = _ALLOWED
         for check in self.input_checks:
             verdict = check.check(messages, prompt_tokens=prompt_tokens)
             self.counts[check.name, verdict.action] += 1
@@ -260,6 +265,61 @@ class Guards:
         out, counts = redact(text, self.redact_kinds)
         self.redactions.update(counts)
         return out
+
+
+class RedactorChain:
+    """Stream redactors in turn: what one lets out is fed to the next, so the stream comes out
+    as the redactors' whole-text redactions, one after the other, would leave it."""
+
+    def __init__(self, redactors: Sequence[StreamRedactor]) -> None:
+        self.redactors = redactors
+
+    def feed(self, text: str) -> str:
+        for redactor in self.redactors:
+            text = redactor.feed(text)
+        return text
+
+    def flush(self) -> str:
+        text = ""
+        for redactor in self.redactors:  # what the one before held back goes through this one
+            text = redactor.feed(text) + redactor.flush() if text else redactor.flush()
+        return text
+
+
+class GuardChain:
+    """Several profiles' guards on one request (a key's, then its model's); each counts its own.
+
+    Input: each profile checks what the one before let through, its redaction included; the
+    first block wins, else the last redaction (its ``messages`` carry the earlier ones), else
+    allow. Output: every profile that redacts does, in turn, on whole and streamed answers.
+    """
+
+    def __init__(self, parts: Sequence[Guards]) -> None:
+        self.parts = tuple(parts)
+        self.redacting = tuple(part for part in self.parts if part.redact_output)
+
+    def check_input(self, messages: Messages, *, prompt_tokens: int) -> Verdict:
+        result = _ALLOWED
+        for part in self.parts:
+            verdict = part.check_input(messages, prompt_tokens=prompt_tokens)
+            if verdict.action == "block":
+                return verdict
+            if verdict.action == "redact" and verdict.messages is not None:
+                messages = verdict.messages
+                result = verdict
+        return result
+
+    def redactor(self) -> StreamRedactor | RedactorChain:
+        if len(self.redacting) == 1:
+            return self.redacting[0].redactor()
+        if not self.redacting:
+            return self.parts[0].redactor()  # a pass-through
+        return RedactorChain([part.redactor() for part in self.redacting])
+
+    def redact(self, text: str) -> str:
+        for part in self.redacting:
+            text = part.redact(text)
+        return text
 
 
 def build_guards(config: GuardConfig) -> Guards:

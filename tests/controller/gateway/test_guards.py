@@ -1,4 +1,5 @@
-"""Guard profiles: config, the checks in order, counts, and the error body a blocked request gets."""
+"""Guard profiles: config, the checks in order, counts, the error body a blocked request gets,
+and two profiles chained (a key's and its model's)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from llm_ops_helper.controller.gateway.guards import (
     DenyListCheck,
+    GuardChain,
     GuardConfig,
     Guards,
     InjectionCheck,
@@ -146,3 +148,56 @@ def test_a_toml_table_parses_and_a_bad_one_names_the_key() -> None:
         parse_guard_config({"colour": "red"}, "guards.default")
     with pytest.raises(ConfigError, match=r"deny_patterns: '\(' is not a valid regular expression"):
         parse_guard_config({"deny_patterns": ["("]}, "guards.default")
+
+
+def two_profiles() -> tuple[Guards, Guards, GuardChain]:
+    key = build_guards(GuardConfig(injection=False, deny_words=["acme"], deny_action="redact",
+                                   redact_kinds=["email"]))
+    model = build_guards(GuardConfig(deny_words=["zeta"], deny_action="redact",
+                                     redact_kinds=["phone"]))
+    return key, model, GuardChain([key, model])
+
+
+def test_chain_runs_both_profiles_and_the_second_sees_the_first_ones_redaction() -> None:
+    key, model, chain = two_profiles()
+    verdict = chain.check_input(chat("tell acme about zeta"), prompt_tokens=5)
+    assert (verdict.action, verdict.check) == ("redact", "deny_list")
+    assert verdict.messages == chat("tell [removed] about [removed]")
+    assert key.counts[("deny_list", "redact")] == model.counts[("deny_list", "redact")] == 1
+    only_key = chain.check_input(chat("tell acme"), prompt_tokens=2)
+    assert only_key.action == "redact" and only_key.messages == chat("tell [removed]")
+    assert chain.check_input(chat("What is the capital of France?"), prompt_tokens=7).action \
+        == "allow"
+
+
+def test_chain_blocks_when_either_profile_blocks_and_the_first_block_ends_it() -> None:
+    key, model, chain = two_profiles()
+    blocked = chain.check_input(chat(ATTACK), prompt_tokens=12)  # the key does not score it
+    assert (blocked.action, blocked.check) == ("block", "injection")
+    assert model.counts[("injection", "block")] == 1
+    assert key.counts == {("size", "allow"): 1, ("deny_list", "allow"): 1}
+    strict = build_guards(GuardConfig(deny_words=["acme"]))
+    first = GuardChain([strict, model])
+    assert first.check_input(chat("acme"), prompt_tokens=1).check == "deny_list"
+    assert model.counts[("size", "allow")] == 1  # the model's checks never saw that one
+
+
+def test_chain_redacts_output_with_both_profiles_whole_and_streamed_at_every_split() -> None:
+    _, _, chain = two_profiles()
+    text = "mail bob@example.org or call +1 415 555 2671 now"
+    whole = "mail [redacted:email] or call [redacted:phone] now"
+    assert chain.redact(text) == whole
+    for cut in range(len(text) + 1):
+        stream = chain.redactor()
+        assert stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.flush() == whole, cut
+
+
+def test_chain_output_skips_a_profile_that_does_not_redact() -> None:
+    off = build_guards(GuardConfig(redact_output=False))
+    on = build_guards(GuardConfig(redact_kinds=["email"]))
+    assert GuardChain([off, on]).redact("a@example.com and b@example.com") == \
+        "[redacted:email] and [redacted:email]"
+    assert on.redactions == {"email": 2}
+    neither = GuardChain([off, off])
+    stream = neither.redactor()
+    assert stream.feed("a@example.com ") + stream.flush() == "a@example.com "
