@@ -180,6 +180,8 @@ DESCRIPTIONS: dict[str, str] = {
     "gateway_listening": "The gateway is up and listening.",
     "gateway_stopped": "The gateway stopped.",
     "replica_suspect": "A replica failed requests; it gets none for `for_s` seconds.",
+    "guard_blocked": "A guard blocked a request: the key, the model, the check and why, and "
+                     "the input's hash and length (never its text).",
     "upstream_connect_failed": "A replica could not be reached; the request tries another.",
     "upstream_stream_failed": "A streamed response from a replica broke off.",
     "usage_write_failed": "Token usage could not be written.",

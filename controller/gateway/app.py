@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llm_ops_helper.controller.gateway.config import GatewayConfig, KeyConfig
-from llm_ops_helper.controller.gateway.guards import openai_error
+from llm_ops_helper.controller.gateway.guards import fingerprint, openai_error
 from llm_ops_helper.controller.gateway.limits import (
     KeyLimits,
     estimate_prompt_tokens,
@@ -208,6 +208,10 @@ async def _admit(request: web.Request, gw: Gateway, chat: bool) -> Call | web.Re
         if verdict.action == "block":
             caller.limits.settle(charged, prompt)
             gw.meter.record(caller.key.name, route.deployment, 400, 0, 0)
+            # Enough to find the request again (its input's hash), never the input itself.
+            log.warning("guard_blocked", key=caller.key.name, model=route.deployment,
+                        check=verdict.check, reason=verdict.reason,
+                        input=fingerprint(_encode.encode(value).decode()))
             return web.Response(body=_encode.encode(openai_error(verdict.check, verdict.reason)),
                                 status=400, content_type="application/json")
         if verdict.action == "redact" and verdict.messages is not None:
