@@ -236,11 +236,13 @@ def _terminal(in_fd: int, out: TextIO, wake_fd: int, screen: Screen) -> Iterator
         out.flush()
 
     def leave() -> None:
+        # The modes first: once the main screen shows, the shell's line editing is back too
+        # (cbreak changed input modes only, so what is still being written is unaffected).
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(in_fd, termios.TCSANOW, saved)
         with contextlib.suppress(OSError):
             out.write(LEAVE_SCREEN)
             out.flush()
-        with contextlib.suppress(termios.error):
-            termios.tcsetattr(in_fd, termios.TCSADRAIN, saved)
 
     def on_resize(signum: int, frame: FrameType | None) -> None:
         _poke(wake_fd)

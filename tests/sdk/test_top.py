@@ -333,8 +333,8 @@ def test_ctrl_z_gives_the_terminal_back_and_fg_redraws(
     top.wait_for("a first frame", lambda t: any("top-sim" in " ".join(f) for f in t.frames()))
     top.send(b"\x1a")  # Ctrl-Z: SIGTSTP from the terminal
     top.wait_for("the main screen back", lambda t: t.text.rstrip().endswith(LEAVE_SCREEN))
-    lflag = termios.tcgetattr(top.slave)[3]
-    assert lflag & (termios.ECHO | termios.ICANON) == termios.ECHO | termios.ICANON
+    cooked = termios.ECHO | termios.ICANON
+    assert termios.tcgetattr(top.slave)[3] & cooked == cooked  # restored before the screen
     # Its process group has no parent in the session (orphaned), so the kernel does not stop
     # it; SIGCONT is what `fg` sends.
     mark = len(top.raw)
