@@ -71,6 +71,16 @@ def _looks_like_path(text: str) -> bool:
             or Path(text).suffix.lower() in _MODEL_SUFFIXES)
 
 
+def _is_file_argument(text: str) -> bool:
+    """Whether ``deploy_model``'s argument names a file (else a ref such as ``chat@2``). A path
+    whose existence cannot even be checked (a directory the user may not enter) is a file
+    argument too, so that reading it reports the cause."""
+    try:
+        return Path(text).exists() or _looks_like_path(text)
+    except OSError:
+        return True
+
+
 def _user() -> str:
     try:
         return getpass.getuser()
@@ -242,7 +252,7 @@ class LLMOpsHelper:
         """
         text = os.fspath(path_or_ref)
         pushed: ModelVersion | None = None
-        if not isinstance(path_or_ref, str) or Path(text).exists() or _looks_like_path(text):
+        if not isinstance(path_or_ref, str) or _is_file_argument(text):
             model = name or deployment_name(Path(text).stem)
             pushed = self.push_model(text, model, runtime=runtime, progress=progress)
             ref = pushed.ref

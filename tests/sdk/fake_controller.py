@@ -17,14 +17,11 @@ from typing import Any
 
 from aiohttp import web
 
-STAGES = {
-    "registered": {"staging", "archived", "retired"},
-    "staging": {"production", "archived", "retired"},
-    "production": {"archived", "retired"},
-    "archived": {"staging", "production", "retired"},
-    "retired": set(),
-}
-RUNTIMES = ("llamacpp", "vllm", "sglang", "sim", "command")
+# The real controller's stage table, runtime list and refusal text: the errors the client
+# passes on are worded here as the controller words them (controller/registry/registry.py,
+# controller/deployments/ledger.py and desired.py for the texts written out below).
+from llm_ops_helper.controller.registry import lifecycle
+from llm_ops_helper.controller.registry.formats import RUNTIMES
 
 
 @dataclass
@@ -112,11 +109,14 @@ class FakeController:
         fmt = "gguf" if head.startswith(b"GGUF") else "sim" if b"[sim]" in head else None
         runtime = request.query.get("runtime") or {"gguf": "llamacpp", "sim": "sim"}.get(fmt or "")
         if runtime is None:
-            return _error(400, "cannot tell the format of the artifact: pass runtime")
+            return _error(400, f"runtime: none is implied by format {fmt or 'unknown'!r}; "
+                               f"pass runtime= one of {', '.join(RUNTIMES)}")
         if not chunks and not request.query.get("source_uri"):
-            return _error(400, "an empty upload needs source_uri")
+            return _error(400, "empty body and no source_uri: upload the artifact, or pass "
+                               "source_uri= naming where the runtime finds the model")
         if runtime not in RUNTIMES:
-            return _error(400, f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+            return _error(400, f"unknown runtime {runtime!r}: expected one of "
+                               f"{', '.join(RUNTIMES)}")
         versions = self.versions.setdefault(name, [])
         self.aliases.setdefault(name, {})
         number = len(versions) + 1
@@ -145,7 +145,7 @@ class FakeController:
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self.versions:
-            return _error(404, f"no model {name!r}")
+            return _no_model(name)
         return web.json_response({"name": name, "aliases": self.aliases[name],
                                   "versions": [self._view(v) for v in self.versions[name]]})
 
@@ -162,15 +162,16 @@ class FakeController:
             return found
         body = await request.json()
         target = body["stage"]
-        if target not in STAGES[found["stage"]]:
-            allowed = ", ".join(sorted(STAGES[found["stage"]])) or "none"
-            return _error(409, f"{found['ref']}: cannot move from {found['stage']} to {target}; "
-                               f"allowed: {allowed}")
-        if target == "retired":
-            users = [d["name"] for d in self.deployments.values()
-                     if d["version"] == found["ref"]]
-            if users:
-                return _error(409, f"{found['ref']} is in use by deployment {users[0]}")
+        if target == found["stage"]:  # as the controller: the same stage again is a no-op
+            return web.json_response(self._view(found))
+        refusal = lifecycle.refusal(found["stage"], target)
+        if refusal is not None:
+            return _error(400 if target not in lifecycle.STAGES else 409,
+                          f"{found['ref']}: {refusal}")
+        if target == "retired" and any(d["version"] == found["ref"]
+                                       for d in self.deployments.values()):
+            return _error(409, f"{found['ref']} is used by a deployment: move the deployment "
+                               "to another version before retiring it")
         if target == "production":
             old = self.aliases[name].get("production")
             if old is not None and body.get("archive_previous", True):
@@ -193,8 +194,10 @@ class FakeController:
 
     async def delete_alias(self, request: web.Request) -> web.Response:
         name, alias = request.match_info["name"], request.match_info["alias"]
-        if alias not in self.aliases.get(name, {}):
-            return _error(404, f"model {name!r} has no alias {alias!r}")
+        if name not in self.aliases:
+            return _no_model(name)
+        if alias not in self.aliases[name]:
+            return _no_alias(name, alias, self.aliases[name])
         return web.json_response({"alias": alias, "previous": self.aliases[name].pop(alias)})
 
     async def diff(self, request: web.Request) -> web.Response:
@@ -220,12 +223,15 @@ class FakeController:
 
     def _resolve(self, name: str, ref: str) -> dict[str, Any] | web.Response:
         if name not in self.versions:
-            return _error(404, f"no model {name!r}")
+            return _no_model(name)
         number = int(ref) if ref.isdigit() else self.aliases[name].get(ref)
         if ref == "" and number is None:
             number = len(self.versions[name])
-        if number is None or not 1 <= number <= len(self.versions[name]):
-            return _error(404, f"model {name!r} has no version {ref!r}")
+        if number is None:
+            return _no_alias(name, ref, self.aliases[name])
+        if not 1 <= number <= len(self.versions[name]):
+            return _error(404, f"{name} has no version {number} "
+                               f"(latest is {len(self.versions[name])})")
         return self.versions[name][number - 1]
 
     # -- deployments -----------------------------------------------------------------------
@@ -253,7 +259,7 @@ class FakeController:
     async def get_deployment(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self.deployments:
-            return _error(404, f"no deployment {name!r}")
+            return _no_deployment(name)
         state = self.deployments[name]
         plan = self.plans.get(name, [])
         if plan:
@@ -269,7 +275,7 @@ class FakeController:
     async def scale(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self.deployments:
-            return _error(404, f"no deployment {name!r}")
+            return _no_deployment(name)
         replicas = (await request.json())["replicas"]
         state = self.deployments[name]
         state.update(desired=replicas, phase="progressing")
@@ -280,10 +286,11 @@ class FakeController:
         name = request.match_info["name"]
         state = self.deployments.get(name)
         if state is None:
-            return _error(404, f"no deployment {name!r}")
+            return _no_deployment(name)
         target = (await request.json()).get("version") or state["previous_version"]
         if target is None:
-            return _error(409, f"deployment {name} has no previous version")
+            return _error(409, f"deployment {name} has no version before {state['version']} "
+                               "to roll back to")
         state.update(version=target, previous_version=state["version"], phase="rolling_back",
                      revision=state["revision"] + 1, ready=0)
         self.plans[name] = [{"phase": "rolling_back"},
@@ -293,7 +300,7 @@ class FakeController:
     async def delete_deployment(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if self.deployments.pop(name, None) is None:
-            return _error(404, f"no deployment {name!r}")
+            return _no_deployment(name)
         return web.json_response({"name": name, "phase": "deleting"}, status=202)
 
     async def endpoints(self, request: web.Request) -> web.Response:
@@ -316,6 +323,19 @@ class FakeController:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "status": status}, status=status)
+
+
+def _no_model(name: str) -> web.Response:
+    return _error(404, f"no such model: {name!r} (GET /api/v1/models lists them)")
+
+
+def _no_alias(name: str, alias: str, aliases: dict[str, int]) -> web.Response:
+    return _error(404, f"{name} has no alias {alias!r} (aliases: "
+                       f"{', '.join(aliases) or 'none'})")
+
+
+def _no_deployment(name: str) -> web.Response:
+    return _error(404, f"no deployment named {name!r} (GET /api/v1/deployments lists them)")
 
 
 @asynccontextmanager

@@ -160,10 +160,12 @@ async def test_errors_are_one_line_and_exit_1(
 
     assert await llmops(fake, "models", "promote", "t", "1") == 1
     assert capsys.readouterr().err == (
-        "llmops: error: t@1: cannot move from registered to production; allowed: archived, "
-        "retired, staging (HTTP 409)\n")
+        "llmops: error: t@1: cannot move from 'registered' to 'production': from 'registered' "
+        "a version can move to: staging, archived, retired (HTTP 409)\n")
     assert await llmops(fake, "status", "nope") == 1
-    assert capsys.readouterr().err == "llmops: error: no deployment 'nope' (HTTP 404)\n"
+    assert capsys.readouterr().err == (
+        "llmops: error: no deployment named 'nope' (GET /api/v1/deployments lists them) "
+        "(HTTP 404)\n")
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
