@@ -68,7 +68,8 @@ async def test_gateway_in_front_of_two_llamacpp_replicas(fleet: LocalFleet,
                         pass
                     await asyncio.sleep(0.1)
 
-            # Keys: none, a wrong one, one not allowed this model.
+            # Keys: none and a wrong one (a key not allowed the model is in
+            # tests/controller/gateway/test_app.py::test_bad_requests_get_openai_errors).
             for headers, status in (({}, 401), ({"Authorization": "Bearer nope"}, 401)):
                 async with session.post(url + "/v1/chat/completions", json=body,
                                         headers=headers) as resp:
