@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import llm_ops_helper.client as client_module
+from llm_ops_helper.agent.replicas.replica import FIRST_PROBE_S as AGENT_FIRST_PROBE_S
 from llm_ops_helper.agent.replicas.replica import POLL_S as AGENT_PROBE_S
 from llm_ops_helper.agent.runtimes.registry import RUNTIMES
 from llm_ops_helper.agent.runtimes.simserver.card import write_model_card
@@ -411,10 +412,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "Event times (applied, placed, ready, completed) are from the deployment's history, "
             "stamped by the controller's clock, relative to the deploy_model call; they say "
             "when the controller learned of each step.",
-            f"The agent probes a starting replica's /health every {AGENT_PROBE_S:g} s, so a "
-            "replica's ready time through the fleet falls on that grid: a server up in 0.1 s "
-            f"counts as ready after about {AGENT_PROBE_S:g} s, which is most of what the fleet "
-            "adds to a single fast replica.",
+            "The agent probes a starting replica's /health at once, then after gaps that "
+            f"start at {AGENT_FIRST_PROBE_S:g} s and grow by half each time up to "
+            f"{AGENT_PROBE_S:g} s, so a replica is seen ready at most one gap after its server "
+            "is up: a few hundredths of a second for a server up in 0.1 s, "
+            f"up to {AGENT_PROBE_S:g} s for one that takes seconds.",
             "All processes (Mosquitto, controller, 2 agents, N replicas, the bench) share this "
             "machine's cores: with 8 llama.cpp servers starting on 2 cores, CPU contention is "
             "a large part of both bare and deploy times; compare ratios between runs.",
