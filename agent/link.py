@@ -21,7 +21,7 @@ from paho.mqtt.properties import Properties
 
 from llm_ops_helper.agent.config import BrokerConfig
 from llm_ops_helper.agent.outbox import Outbox
-from llm_ops_helper.brokertls import handshake_hint, settings_context
+from llm_ops_helper.brokertls import connect_hint, handshake_hint, settings_context
 from llm_ops_helper.lifecycle import reconnect_forever
 from llm_ops_helper.proto.codec import encode
 from llm_ops_helper.proto.messages import Status
@@ -78,10 +78,11 @@ class Link:
 
     async def run(self, stop: asyncio.Event) -> None:
         def on_error(error: str, delay: float) -> None:
-            hint = handshake_hint(error, self.config.ca_file) if self.config.tls else None
-            log.warning("broker_tls_failed" if hint else "broker_unreachable",
+            tls_hint = handshake_hint(error, self.config.ca_file) if self.config.tls else None
+            log.warning("broker_tls_failed" if tls_hint else "broker_unreachable",
                         broker=f"{self.config.host}:{self.config.port}", error=error,
-                        hint=hint, retry_in_s=round(delay, 2), backlog=len(self.outbox))
+                        hint=tls_hint or connect_hint(error, self.config),
+                        retry_in_s=round(delay, 2), backlog=len(self.outbox))
 
         await reconnect_forever(lambda: self._session(stop), stop,
                                 low=self.config.reconnect_min_s,

@@ -24,7 +24,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from llm_ops_helper.brokertls import handshake_hint, settings_context
+from llm_ops_helper.brokertls import connect_hint, handshake_hint, settings_context
 from llm_ops_helper.controller.config import BrokerConfig
 from llm_ops_helper.controller.sinks import MqttSink
 from llm_ops_helper.lifecycle import reconnect_forever
@@ -85,10 +85,11 @@ class ControllerLink:
     async def run(self, stop: asyncio.Event) -> None:
         def on_error(error: str, delay: float) -> None:
             self.connected = False
-            hint = handshake_hint(error, self.config.ca_file) if self.config.tls else None
-            log.warning("broker_tls_failed" if hint else "broker_unreachable",
+            tls_hint = handshake_hint(error, self.config.ca_file) if self.config.tls else None
+            log.warning("broker_tls_failed" if tls_hint else "broker_unreachable",
                         broker=f"{self.config.host}:{self.config.port}", error=error,
-                        hint=hint, retry_in_s=round(delay, 2))
+                        hint=tls_hint or connect_hint(error, self.config),
+                        retry_in_s=round(delay, 2))
 
         await reconnect_forever(lambda: self._session(stop), stop,
                                 low=self.config.reconnect_min_s,

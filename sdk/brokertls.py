@@ -4,7 +4,8 @@ The context is built twice: once while loading the config (:func:`check_tls`: a 
 unreadable or malformed certificate is a config error naming the key, exit 78, not a retry
 loop), and once per connection attempt (:func:`settings_context`). A handshake failure at
 connect time is an ordinary connection error, retried with backoff; :func:`handshake_hint`
-says what to check in the log line.
+says what to check in the log line, and :func:`connect_hint` does for a refused login or a
+broker that never answered.
 """
 
 from __future__ import annotations
@@ -37,7 +38,28 @@ class TlsSettings(Protocol):
     def tls_insecure(self) -> bool: ...
 
 
+class LoginSettings(TlsSettings, Protocol):
+    """The whole ``[broker]`` login of the agent and the controller: TLS and credentials."""
+
+    @property
+    def username(self) -> str: ...
+    @property
+    def password_file(self) -> str: ...
+
+
 S = TypeVar("S", bound=msgspec.Struct)
+
+# aiomqtt's error when no CONNACK came within its timeout. Mosquitto closes a client it turns
+# away before CONNACK (plain MQTT on its TLS listener, no client certificate where one is
+# required) without a reason, and aiomqtt waits out its timeout on such a close: this string
+# is all the link is told.
+NO_CONNACK = "Operation timed out"
+# MQTT v5 CONNACK reason codes of a refused login: 134 bad user name or password, 135 not
+# authorized (what Mosquitto answers to a wrong password or an unknown user).
+REFUSED_LOGIN = ("[code:134]", "[code:135]")
+# A TLS client on a plain listener: Mosquitto takes the ClientHello for a malformed packet
+# and resets the connection in the middle of the handshake.
+HANDSHAKE_RESET = "Connection reset by peer"
 
 
 class TlsConfigError(ValueError):
@@ -126,8 +148,31 @@ def handshake_hint(error: str, ca_file: str) -> str | None:
     if "CERTIFICATE_VERIFY_FAILED" in error:
         return (f"the broker's certificate does not verify against {ca_file or SYSTEM_CAS} "
                 "(wrong ca_file, expired certificate, or a host name it does not name)")
-    if "SSL" in error or "TLS" in error:
+    if "SSL" in error or "TLS" in error or HANDSHAKE_RESET in error:
         return "TLS handshake failed: is the broker's listener TLS, and is this its TLS port?"
+    return None
+
+
+def connect_hint(error: str, broker: LoginSettings) -> str | None:
+    """What to check when the broker refused the login or never answered the CONNECT; None
+    for other errors (see :func:`handshake_hint` for TLS handshakes)."""
+    if any(code in error for code in REFUSED_LOGIN):
+        if not broker.username:
+            return ("the broker wants a login: set broker.username and broker.password_file "
+                    "(a user of its password file)")
+        return (f"the broker refused user {broker.username!r}: check broker.username and the "
+                f"password in broker.password_file ({broker.password_file or 'not set'}) "
+                "against the broker's password file")
+    if NO_CONNACK not in error:
+        return None
+    if not broker.tls:
+        return ("the broker took the connection but never answered the MQTT CONNECT: if its "
+                "listener is TLS (port 8883 in mosquitto-tls.conf), set broker.tls = true and "
+                "broker.ca_file")
+    if not broker.cert_file:
+        return ("the broker took the TLS connection but never answered the MQTT CONNECT: if "
+                "it sets require_certificate true, set broker.cert_file and broker.key_file to "
+                "a client certificate signed by its cafile")
     return None
 
 

@@ -37,8 +37,10 @@ DESCRIPTIONS: dict[str, str] = {
     "broker_disconnected": "Left the broker on shutdown.",
     "broker_tls_failed": "TLS handshake with the broker failed; `hint` says what to check. "
                          "Retried after `retry_in_s`.",
-    "broker_unreachable": "The broker could not be reached or dropped the session; retried "
-                          "with backoff after `retry_in_s`.",
+    "broker_unreachable": "The broker could not be reached, refused the login or dropped the "
+                          "session; `hint` says what to check when it can tell (the user and "
+                          "password file of a refused login, TLS or a client certificate for a "
+                          "CONNECT never answered). Retried with backoff after `retry_in_s`.",
     # -- agent --
     "agent_started": "The agent is up: its collectors, GPUs and broker.",
     "agent_stopped": "The agent stopped; `unsent` telemetry messages were still queued.",

@@ -1,8 +1,9 @@
 """The shipped TLS broker config and ACL (systemd/mosquitto-tls.conf, mosquitto.acl) on a real
 Mosquitto: TLS only, passwords only, and an agent can speak only for itself.
 
-Certificates come from the ``openssl`` CLI (:func:`make_pki`), the password file from
-``mosquitto_passwd``.
+Certificates come from the ``openssl`` CLI, the password file from ``mosquitto_passwd``
+(:mod:`tests.integration.tlsbroker`).
+The real controller process on this broker, commanding a real agent: test_tls_fleet.py.
 Absence of a message is shown without timing: a denied publish (QoS 1, acknowledged) is
 followed by an allowed marker from the same client, and the witness sees the marker first.
 """
@@ -20,20 +21,19 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from llm_ops_helper.broker import (
-    BrokerSecurity,
-    BrokerUnavailable,
-    LocalMosquitto,
-    Pki,
-    make_pki,
-    password_file,
-)
+from llm_ops_helper.broker import LocalMosquitto, Pki
 from llm_ops_helper.brokertls import client_context
 from llm_ops_helper.proto import codec
 from llm_ops_helper.proto.messages import Telemetry
 from tests.integration.harness import AgentProcess, agent_config
+from tests.integration.tlsbroker import (
+    CONTROLLER,
+    make_test_pki,
+    secret_file,
+    start_secure_broker,
+    tls_login,
+)
 
-CONTROLLER = "llmops-controller"
 PASSWORDS = {CONTROLLER: "controller-secret", "gpu-a": "a-secret", "gpu-b": "b-secret"}
 AGENTS = "llmops/v1/agents"
 WAIT_S = 10.0  # an upper bound on waiting for what must arrive, never a measured threshold
@@ -41,28 +41,12 @@ WAIT_S = 10.0  # an upper bound on waiting for what must arrive, never a measure
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
-    try:
-        return make_pki(tmp_path / "pki")
-    except BrokerUnavailable as exc:
-        pytest.fail(str(exc))
-
-
-async def _start(tmp_path: Path, pki: Pki, require_certificate: bool = False
-                 ) -> LocalMosquitto:
-    try:
-        security = BrokerSecurity(pki.ca, pki.server_cert, pki.server_key,
-                                  password_file(tmp_path / "passwd", PASSWORDS),
-                                  require_certificate=require_certificate)
-        broker = LocalMosquitto(tmp_path / "mosquitto", security=security)
-        await broker.start()
-    except BrokerUnavailable as exc:
-        pytest.fail(f"these tests need a real Mosquitto: {exc}")
-    return broker
+    return make_test_pki(tmp_path / "pki")
 
 
 @pytest.fixture
 async def secure_broker(tmp_path: Path, pki: Pki) -> AsyncIterator[LocalMosquitto]:
-    broker = await _start(tmp_path, pki)
+    broker = await start_secure_broker(tmp_path, pki, PASSWORDS)
     try:
         yield broker
     finally:
@@ -210,7 +194,7 @@ async def test_an_agent_cannot_read_another_hosts_commands(secure_broker, pki) -
 
 
 async def test_client_certificates_when_the_broker_requires_them(tmp_path, pki) -> None:
-    broker = await _start(tmp_path, pki, require_certificate=True)
+    broker = await start_secure_broker(tmp_path, pki, PASSWORDS, require_certificate=True)
     try:
         with_cert = client_context(str(pki.ca), str(pki.client_cert), str(pki.client_key))
         assert await raw_connect(broker, "gpu-a", with_cert) == CONNACK_ACCEPTED
@@ -227,12 +211,9 @@ async def test_client_certificates_when_the_broker_requires_them(tmp_path, pki) 
 
 async def test_a_real_agent_over_tls_with_its_password_reaches_the_controller(
         secure_broker, pki, tmp_path) -> None:
-    secret = tmp_path / "gpu-a.password"
-    secret.write_text(PASSWORDS["gpu-a"] + "\n")
-    secret.chmod(0o600)
-    config = agent_config(secure_broker, host="gpu-a", broker={
-        "tls": True, "ca_file": str(pki.ca), "username": "gpu-a",
-        "password_file": str(secret)})
+    secret = secret_file(tmp_path / "gpu-a.password", PASSWORDS["gpu-a"])
+    config = agent_config(secure_broker, host="gpu-a",
+                          broker=tls_login(secure_broker, pki, "gpu-a", secret))
     agent = AgentProcess(tmp_path / "agent", config)
     topic = f"{AGENTS}/gpu-a/telemetry"
     async with connect(secure_broker, pki, CONTROLLER) as controller:
@@ -253,12 +234,10 @@ async def test_a_real_agent_over_tls_with_its_password_reaches_the_controller(
 
 async def test_an_agent_with_the_wrong_ca_logs_the_tls_failure_and_retries(
         secure_broker, tmp_path) -> None:
-    other = make_pki(tmp_path / "other-pki")
-    secret = tmp_path / "gpu-a.password"
-    secret.write_text(PASSWORDS["gpu-a"])
-    config = agent_config(secure_broker, host="gpu-a", broker={
-        "tls": True, "ca_file": str(other.ca), "username": "gpu-a",
-        "password_file": str(secret)})
+    other = make_test_pki(tmp_path / "other-pki")
+    secret = secret_file(tmp_path / "gpu-a.password", PASSWORDS["gpu-a"])
+    config = agent_config(secure_broker, host="gpu-a",
+                          broker=tls_login(secure_broker, other, "gpu-a", secret))
     agent = AgentProcess(tmp_path / "agent", config)
     agent.start()
     try:
@@ -271,3 +250,23 @@ async def test_an_agent_with_the_wrong_ca_logs_the_tls_failure_and_retries(
         await agent.close()
     assert str(other.ca) in agent.log()
     assert "CERTIFICATE_VERIFY_FAILED" in agent.log()
+
+
+async def test_an_agent_with_a_wrong_password_logs_which_login_to_check_and_retries(
+        secure_broker, pki, tmp_path) -> None:
+    secret = secret_file(tmp_path / "gpu-a.password", "not-the-password")
+    config = agent_config(secure_broker, host="gpu-a",
+                          broker=tls_login(secure_broker, pki, "gpu-a", secret))
+    agent = AgentProcess(tmp_path / "agent", config)
+    agent.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while agent.log().count("broker_unreachable") < 2:
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        pytest.fail(f"no repeated broker_unreachable in the agent's log:\n{agent.log()}")
+    finally:
+        await agent.close()
+    refused = [line for line in agent.log().splitlines() if "broker_unreachable" in line]
+    assert "the broker refused user 'gpu-a'" in refused[0]
+    assert str(secret) in refused[0]
