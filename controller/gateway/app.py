@@ -255,7 +255,8 @@ async def _connect(gw: Gateway, call: Call, path: str
             tried.add(replica.name)
             nxt = gw.router.choose(call.route, frozenset(tried))
             if nxt is None:
-                return error(502, f"no replica of {call.route.deployment!r} could be reached",
+                return error(502, f"no replica of {call.route.deployment!r} answered: tried "
+                             f"{len(tried)}, the last failed with {type(exc).__name__}",
                              "upstream_unreachable", kind="upstream_error")
             replica = nxt
         except TimeoutError:
@@ -346,12 +347,14 @@ async def _stream(request: web.Request, gw: Gateway, call: Call, resp: aiohttp.C
     failure: str | None = None
     try:
         async for line in resp.content:
+            if line in (b"\n", b"\r\n"):  # the end of one SSE event: send it now
+                if event:  # (an event whose lines were all dropped is not sent at all)
+                    await out.write(event + line)
+                    event = b""
+                continue
             sent = rewriter.line(line)
             if sent is not None:
                 event += sent
-            if line in (b"\n", b"\r\n") and event:  # the end of one SSE event: send it now
-                await out.write(event)
-                event = b""
         if not rewriter.done:
             failure = "the backend closed the stream before [DONE]"
     except ConnectionResetError:  # the client went away: stop reading the backend

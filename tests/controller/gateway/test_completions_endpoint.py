@@ -114,8 +114,12 @@ async def test_a_streamed_text_completion_is_relayed_and_its_usage_metered(
         resp = await complete(gw, stream=True)
         assert resp.status == 200, await resp.text()
         assert resp.headers["Content-Type"].startswith("text/event-stream")
-        payloads = events(await resp.text())
+        text = await resp.text()
+        payloads = events(text)
         assert payloads[-1] == "[DONE]"
+        # The kept usage event leaves no empty event behind: a client that splits on blank
+        # lines gets exactly the events.
+        assert text.split("\n\n") == [f"data: {p}" for p in payloads] + [""]
         chunks: list[dict[str, Any]] = [json.loads(p) for p in payloads[:-1]]
         assert {c["object"] for c in chunks} == {"text_completion"}
         assert "".join(c["choices"][0]["text"] for c in chunks) == FOUR_TOKENS
