@@ -147,6 +147,8 @@ def _decoded(text: str) -> list[str]:
 
 def _unhide(text: str) -> str:
     """NFKC, zero-width characters dropped, look-alike letters made Latin."""
+    if text.isascii():  # all three leave ASCII as it is (and most prompts are ASCII)
+        return text
     return unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH).translate(_HOMOGLYPHS)
 
 
