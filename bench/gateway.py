@@ -1,20 +1,29 @@
 """Gateway overhead: requests/s and added latency through ``llmops-gateway`` (guards on) vs.
 straight to the simulator replicas, in the same run.
 
-N simulator replicas (real processes, no model latency: ttft and inter-token time 0) serve
-one deployment; a controller stand-in tells the gateway (a real process, one event loop)
+N simulator replicas (real processes) serve one deployment; a controller stand-in tells the gateway (a real process, one event loop)
 where they are. One aiohttp load generator sends the same chat request (16 output tokens,
 non-streamed, and streamed for latency) either straight to the replicas in turn or through
 the gateway with a key whose guards run the injection check and redact the output. Phases
 alternate direct / gateway, REPEATS times, so both see the same machine state.
 
 * latency: concurrency 1, the added p50/p99 = gateway's minus direct's.
-* throughput: concurrency C for DURATION s each; the gateway's share of the direct rate.
+* throughput: concurrency C for DURATION s each; the gateway's share of the direct rate, and
+  the CPU time each process (load generator, gateway, replicas) spent per request, which says
+  where the share goes on a machine whose cores all three share.
+
+Two scenarios, each with its own replicas:
+
+* no model latency (ttft and inter-token time 0): latency and throughput at C. Everything is
+  CPU, and the load generator, the gateway and the replicas share the machine's cores.
+* model latency (50 ms to the first token, 10 ms a token, as a small model on a GPU):
+  throughput at MODEL_C, the gateway's share when replicas take time as real ones do.
 
 Targets (the issue): added p50 under 1 ms; the gateway with guards keeps >= half of the
 direct throughput.
 
-    python bench/gateway.py [--replicas 4] [--concurrency 32] [--duration 5] [--quick]
+    python bench/gateway.py [--replicas 4] [--concurrency 32] [--model-concurrency 128]
+                            [--duration 5] [--quick]
 Writes bench/results/gateway.json (not with --quick).
 """
 
@@ -36,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 from aiohttp import web
 
 from llm_ops_helper.agent.runtimes.simserver.card import write_model_card
@@ -63,9 +73,19 @@ async def wait_http(session: aiohttp.ClientSession, url: str, timeout_s: float =
             await asyncio.sleep(0.1)
 
 
-def start_replicas(n: int, work: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    card = write_model_card(work / "card.toml", startup_s=0.0, ttft_base_ms=0.0,
-                            ttft_per_prompt_token_ms=0.0, itl_ms=0.0, max_concurrency=256)
+# The stress case: replicas that answer at once, so everything is CPU and the three processes
+# on the request's path compete for the same cores.
+NO_MODEL_LATENCY = {"ttft_base_ms": 0.0, "ttft_per_prompt_token_ms": 0.0, "itl_ms": 0.0}
+# A model that takes time (50 ms to the first token, then 10 ms a token: about 0.2 s for the
+# 16 tokens), as real replicas do: what the gateway keeps of the rate when it is not competing
+# with instant replicas for CPU.
+MODEL_LATENCY = {"ttft_base_ms": 50.0, "ttft_per_prompt_token_ms": 0.0, "itl_ms": 10.0}
+
+
+def start_replicas(n: int, work: Path, latency_model: dict[str, float]
+                   ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    card = write_model_card(work / "card.toml", startup_s=0.0, max_concurrency=256,
+                            **latency_model)
     procs, urls = [], []
     for _ in range(n):
         port = free_port()
@@ -119,8 +139,16 @@ async def latency(session: aiohttp.ClientSession, urls: list[str], n: int,
     return [await one(session, next(turn), stream) for _ in range(n)]
 
 
+def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """User plus system CPU time so far of each group of processes."""
+    return {name: sum(sum(p.cpu_times()[:2]) for p in group)
+            for name, group in processes.items()}
+
+
 async def throughput(session: aiohttp.ClientSession, urls: list[str], concurrency: int,
-                     duration_s: float) -> float:
+                     duration_s: float, processes: dict[str, list[psutil.Process]] | None = None
+                     ) -> tuple[float, dict[str, float]]:
+    """Requests/s, and each process group's CPU microseconds per request."""
     turn = itertools.cycle(urls)
     done = 0
     deadline = time.perf_counter() + duration_s
@@ -130,9 +158,13 @@ async def throughput(session: aiohttp.ClientSession, urls: list[str], concurrenc
         while time.perf_counter() < deadline:
             await one(session, next(turn), False)
             done += 1
+    before = cpu_seconds(processes or {})
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    after = cpu_seconds(processes or {})
+    return done / elapsed, {name: (after[name] - before[name]) * 1e6 / max(done, 1)
+                            for name in after}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -140,10 +172,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, latency_model: dict[str, float], concurrency: int,
+                latency_phases: bool) -> dict[str, Any]:
+    """One scenario: latency at concurrency 1 (if ``latency_phases``) and throughput at
+    ``concurrency``, direct / through the gateway with guards / without, alternating."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        procs, urls = start_replicas(args.replicas, work)
+        procs, urls = start_replicas(args.replicas, work, latency_model)
         controller, controller_url = await controller_standin(urls)
         port = free_port()
         gateway = subprocess.Popen(
@@ -154,26 +189,34 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         gw_open = [f"{gw[0]} {OPEN_KEY}"]
         direct = [u + "/v1/chat/completions" for u in urls]
         connector = aiohttp.TCPConnector(limit=0)
+        processes = {"load_generator": [psutil.Process()],
+                     "gateway": [psutil.Process(gateway.pid)],
+                     "replicas": [psutil.Process(p.pid) for p in procs]}
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
                 for u in urls:
                     await wait_http(session, u + "/health")
                 await wait_http(session, f"http://127.0.0.1:{port}/healthz")
                 for target in (direct, gw, gw_open):  # warm up: connections, caches
-                    await latency(session, target, 200, False)
-                    await throughput(session, target, args.concurrency, 1.0)
+                    if latency_phases:
+                        await latency(session, target, 200, False)
+                    await throughput(session, target, concurrency, 1.0)
                 phases = (("direct", direct), ("gateway", gw), ("gateway_no_guards", gw_open))
                 lat: dict[str, list[float]] = {}
                 rps: dict[str, list[float]] = {name: [] for name, _ in phases}
+                cpu: dict[str, list[dict[str, float]]] = {name: [] for name, _ in phases}
                 for name, _ in phases:
                     lat[name], lat[name + "_stream"] = [], []
                 for _ in range(args.repeats):
                     for name, target in phases:
-                        lat[name] += await latency(session, target, args.requests, False)
-                        lat[name + "_stream"] += await latency(session, target,
-                                                               args.requests // 2, True)
-                        rps[name].append(await throughput(session, target, args.concurrency,
-                                                          args.duration))
+                        if latency_phases:
+                            lat[name] += await latency(session, target, args.requests, False)
+                            lat[name + "_stream"] += await latency(session, target,
+                                                                   args.requests // 2, True)
+                        rate, used = await throughput(session, target, concurrency,
+                                                      args.duration, processes)
+                        rps[name].append(rate)
+                        cpu[name].append(used)
         finally:
             gateway.terminate()
             gateway.wait(20)
@@ -183,32 +226,40 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 p.wait(10)
             await controller.cleanup()
 
-    def ms(values: list[float], q: float) -> float:
-        return round(pct(values, q) * 1000, 3)
-
-    out: dict[str, Any] = {"latency_ms": {}, "requests_per_s": {}}
-    for name, values in lat.items():
-        out["latency_ms"][name] = {"p50": ms(values, 0.5), "p99": ms(values, 0.99),
-                                   "n": len(values)}
-    for kind in ("", "_stream"):
-        d, g = lat["direct" + kind], lat["gateway" + kind]
-        out["latency_ms"]["added" + kind] = {
-            "p50": round((pct(g, 0.5) - pct(d, 0.5)) * 1000, 3),
-            "p99": round((pct(g, 0.99) - pct(d, 0.99)) * 1000, 3)}
+    out: dict[str, Any] = {"requests_per_s": {}}
     for name, values in rps.items():
         out["requests_per_s"][name] = {"median": round(statistics.median(values), 1),
                                        "runs": [round(v, 1) for v in values]}
+    out["cpu_us_per_request"] = {
+        name: {group: round(statistics.median(run[group] for run in runs), 1)
+               for group in processes} for name, runs in cpu.items()}
+    for used in out["cpu_us_per_request"].values():
+        used["total"] = round(sum(used.values()), 1)
     direct_rps = out["requests_per_s"]["direct"]["median"]
     share = out["requests_per_s"]["gateway"]["median"] / direct_rps
     out["gateway_share_of_direct"] = round(share, 3)
     out["gateway_no_guards_share_of_direct"] = round(
         out["requests_per_s"]["gateway_no_guards"]["median"] / direct_rps, 3)
-    d = lat["direct"]
-    out["latency_ms"]["added_no_guards"] = {
-        "p50": round((pct(lat["gateway_no_guards"], 0.5) - pct(d, 0.5)) * 1000, 3),
-        "p99": round((pct(lat["gateway_no_guards"], 0.99) - pct(d, 0.99)) * 1000, 3)}
-    added = out["latency_ms"]["added"]["p50"]
-    out["targets"] = {"added_p50_under_1ms": added < 1.0, "throughput_at_least_half": share >= 0.5}
+    out["targets"] = {"throughput_at_least_half": share >= 0.5}
+    if latency_phases:
+        out["latency_ms"] = latency_figures(lat)
+        out["targets"]["added_p50_under_1ms"] = out["latency_ms"]["added"]["p50"] < 1.0
+    return out
+
+
+def latency_figures(lat: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """p50/p99 of each phase in ms, and what the gateway adds to direct's, with and without
+    guards, whole and streamed."""
+    def ms(values: list[float], q: float) -> float:
+        return round(pct(values, q) * 1000, 3)
+
+    out: dict[str, dict[str, float]] = {
+        name: {"p50": ms(values, 0.5), "p99": ms(values, 0.99), "n": len(values)}
+        for name, values in lat.items()}
+    for added, phase, base in (("added", "gateway", "direct"),
+                               ("added_stream", "gateway_stream", "direct_stream"),
+                               ("added_no_guards", "gateway_no_guards", "direct")):
+        out[added] = {p: round(out[phase][p] - out[base][p], 3) for p in ("p50", "p99")}
     return out
 
 
@@ -216,7 +267,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32,
+                        help="in flight at once, replicas without model latency")
+    parser.add_argument("--model-concurrency", type=int, default=128,
+                        help="in flight at once, replicas with model latency")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=1000, help="latency samples a phase")
     parser.add_argument("--repeats", type=int, default=3)
@@ -224,18 +278,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.duration, args.requests, args.repeats = 1.0, 100, 1
-    results = asyncio.run(bench(args))
+    results = asyncio.run(bench(args, NO_MODEL_LATENCY, args.concurrency, True))
+    with_latency = asyncio.run(bench(args, MODEL_LATENCY, args.model_concurrency, False))
     doc = {
-        "what": "chat completions (16 tokens, sim replicas with no model latency) straight to "
-                "the replicas vs. through llmops-gateway with guards on (injection check, "
-                "output redaction), alternating phases in one run",
+        "what": "chat completions (16 tokens) straight to the sim replicas vs. through "
+                "llmops-gateway with guards on (injection check, output redaction) and off, "
+                "alternating phases in one run; 'results': replicas with no model latency (the "
+                "stress case); 'with_model_latency': replicas taking about 0.2 s a request",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "arch": platform.machine(),
                     "python": platform.python_version()},
         "params": {"replicas": args.replicas, "concurrency": args.concurrency,
+                   "model_concurrency": args.model_concurrency,
                    "duration_s": args.duration, "latency_requests": args.requests,
-                   "repeats": args.repeats},
+                   "repeats": args.repeats, "model_latency": MODEL_LATENCY},
         "results": results,
+        "with_model_latency": with_latency,
         "note": "one gateway process (one event loop); the load generator is one Python "
                 "process too and shares the cores with replicas and gateway, so on a machine "
                 "with few cores the gateway's share of the direct rate is a share of CPU "
@@ -243,7 +301,7 @@ def main() -> None:
     }
     if not args.quick:
         OUT.write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print(json.dumps({"results": results, "with_model_latency": with_latency}, indent=2))
 
 
 if __name__ == "__main__":
