@@ -22,6 +22,7 @@ from llm_ops_helper.controller.gateway.app import Gateway, Guards, GuardsFor, bu
 from llm_ops_helper.controller.gateway.config import EX_CONFIG, ConfigError, KeyConfig
 from llm_ops_helper.controller.gateway.metering import GatewayMetrics, Meter
 from llm_ops_helper.controller.gateway.routing import Router
+from llm_ops_helper.controller.gateway.upstream import Upstream
 from llm_ops_helper.lifecycle import run_until_signalled
 
 # In-flight requests (streams among them) get this long after SIGTERM.
@@ -67,14 +68,13 @@ def guards_builder(config: gateway_config.GatewayConfig) -> GuardsFor:
 
 async def run(config: gateway_config.GatewayConfig, stop: asyncio.Event) -> None:
     limits = config.limits
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-    # No cookies between clients and backends; no decompressing what is passed on as it is.
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
+    # The session polls the controller; requests to replicas go through Upstream's connections.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
         router = Router(session, config.controller.url, config.controller_token,
                         refresh_s=config.controller.refresh_s, suspect_s=limits.suspect_s)
         meter = Meter(config.state_dir() / "usage.sqlite", GatewayMetrics())
-        gateway = Gateway(config, router, meter, session, guards_builder(config))
+        upstream = Upstream(limits.connect_timeout_s, limits.read_timeout_s)
+        gateway = Gateway(config, router, meter, upstream, guards_builder(config))
         runner = web.AppRunner(build_app(gateway), access_log=None,
                                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
@@ -88,6 +88,7 @@ async def run(config: gateway_config.GatewayConfig, stop: asyncio.Event) -> None
                 await stop.wait()
         finally:
             await runner.cleanup()
+            upstream.close()
             await meter.flush()
             log.info("gateway_stopped")
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
@@ -38,6 +37,12 @@ from llm_ops_helper.controller.gateway.relay import (
     sse,
 )
 from llm_ops_helper.controller.gateway.routing import Replica, Route, Router
+from llm_ops_helper.controller.gateway.upstream import (
+    ConnectFailed,
+    Response,
+    Upstream,
+    UpstreamBroken,
+)
 
 log = structlog.get_logger("llmops.gateway")
 _decode = msgspec.json.Decoder()
@@ -46,9 +51,6 @@ _encode = msgspec.json.Encoder()
 DEFAULT_COMPLETION_CHARGE = 256
 # Which replica answered: for a client's bug report, and the tests' count of the spread.
 REPLICA_HEADER = "X-LLMOps-Replica"
-# Failures that happen before the backend read a byte of the request: safe to try another.
-_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                   aiohttp.ClientOSError)
 
 
 class Verdict(Protocol):
@@ -94,17 +96,14 @@ class Gateway:
     """The state the handlers share: keys, router, meter, the backend connection pool."""
 
     def __init__(self, config: GatewayConfig, router: Router, meter: Meter,
-                 session: aiohttp.ClientSession,
+                 upstream: Upstream,
                  guards_for: GuardsFor = lambda key, deployment: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.config, self.router, self.meter, self.session = config, router, meter, session
+        self.config, self.router, self.meter, self.upstream = config, router, meter, upstream
         self.clock = clock
         self.callers = {k.sha256: Caller(k, KeyLimits(k, clock()), guards_for(k, None),
                                          _model_guards(config, k, guards_for))
                         for k in config.keys}
-        limits = config.limits
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s,
-                                             sock_read=limits.read_timeout_s)
 
     def caller(self, request: web.Request) -> Caller | None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -231,7 +230,7 @@ async def _admit(request: web.Request, gw: Gateway, chat: bool) -> Call | web.Re
 
 
 async def _connect(gw: Gateway, call: Call, path: str
-                   ) -> tuple[Replica, aiohttp.ClientResponse] | web.Response:
+                   ) -> tuple[Replica, Response] | web.Response:
     """Send the request to a replica; on a connection failure, to another (nothing was
     answered yet); hold while the deployment has none ready."""
     hold = gw.config.limits.hold_s
@@ -243,11 +242,9 @@ async def _connect(gw: Gateway, call: Call, path: str
     while True:
         replica.in_flight += 1
         try:
-            resp = await gw.session.post(replica.url + path, data=call.payload,
-                                         headers={"Content-Type": "application/json"},
-                                         timeout=gw.timeout)
+            resp = await gw.upstream.post(replica.url, path, call.payload)
             return replica, resp
-        except _CONNECT_ERRORS as exc:
+        except ConnectFailed as exc:
             replica.in_flight -= 1
             gw.meter.metrics.upstream_errors.labels(call.route.deployment, "connect").inc()
             log.warning("upstream_connect_failed", replica=replica.name, error=str(exc))
@@ -255,8 +252,8 @@ async def _connect(gw: Gateway, call: Call, path: str
             tried.add(replica.name)
             nxt = gw.router.choose(call.route, frozenset(tried))
             if nxt is None:
-                return error(502, f"no replica of {call.route.deployment!r} answered: tried "
-                             f"{len(tried)}, the last failed with {type(exc).__name__}",
+                return error(502, f"no replica of {call.route.deployment!r} answered (tried "
+                             f"{len(tried)}; the last: {exc})",
                              "upstream_unreachable", kind="upstream_error")
             replica = nxt
         except TimeoutError:
@@ -287,7 +284,7 @@ async def _proxy(request: web.Request, path: str, chat: bool) -> web.StreamRespo
                                                     f"http_{status}").inc()
             try:
                 body = await resp.read()
-            except (aiohttp.ClientError, TimeoutError):
+            except (UpstreamBroken, TimeoutError):
                 status = 502
                 return error(502, f"replica {replica.name} failed while answering {resp.status}",
                              "upstream_failed", kind="upstream_error")
@@ -311,11 +308,11 @@ async def _proxy(request: web.Request, path: str, chat: bool) -> web.StreamRespo
             time.perf_counter() - started)
 
 
-async def _whole(gw: Gateway, call: Call, resp: aiohttp.ClientResponse
+async def _whole(gw: Gateway, call: Call, resp: Response
                  ) -> tuple[web.Response, int, int]:
     try:
         raw = await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (UpstreamBroken, TimeoutError) as exc:
         gw.meter.metrics.upstream_errors.labels(call.route.deployment, "body").inc()
         return (error(502, f"the backend failed while answering: {exc or type(exc).__name__}",
                       "upstream_failed", kind="upstream_error"), call.prompt_estimate, 0)
@@ -335,7 +332,7 @@ async def _whole(gw: Gateway, call: Call, resp: aiohttp.ClientResponse
     return web.Response(body=raw, content_type="application/json"), prompt, completion
 
 
-async def _stream(request: web.Request, gw: Gateway, call: Call, resp: aiohttp.ClientResponse,
+async def _stream(request: web.Request, gw: Gateway, call: Call, resp: Response,
                   replica: Replica) -> tuple[web.StreamResponse, int, int]:
     guards = call.guards
     rewriter = StreamRewriter(call.chat, guards.redactor if guards is not None else None,
@@ -346,7 +343,7 @@ async def _stream(request: web.Request, gw: Gateway, call: Call, resp: aiohttp.C
     event = b""
     failure: str | None = None
     try:
-        async for line in resp.content:
+        async for line in resp.lines():
             if line in (b"\n", b"\r\n"):  # the end of one SSE event: send it now
                 if event:  # (an event whose lines were all dropped is not sent at all)
                     await out.write(event + line)
@@ -359,7 +356,7 @@ async def _stream(request: web.Request, gw: Gateway, call: Call, resp: aiohttp.C
             failure = "the backend closed the stream before [DONE]"
     except ConnectionResetError:  # the client went away: stop reading the backend
         return out, *_stream_usage(call, rewriter)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+    except UpstreamBroken as exc:
         failure = f"the backend failed mid-stream: {exc or type(exc).__name__}"
     except TimeoutError:
         failure = f"the backend sent nothing for {gw.config.limits.read_timeout_s:g} s"

@@ -24,6 +24,7 @@ from llm_ops_helper.controller.gateway.app import Gateway, build_app
 from llm_ops_helper.controller.gateway.config import GatewayConfig, parse_config
 from llm_ops_helper.controller.gateway.metering import GatewayMetrics, Meter
 from llm_ops_helper.controller.gateway.routing import Router
+from llm_ops_helper.controller.gateway.upstream import Upstream
 
 TOKEN = "controller-admin-token"
 
@@ -167,8 +168,8 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningGateway
                         refresh_s=config.controller.refresh_s,
                         suspect_s=config.limits.suspect_s)
         meter = Meter(config.state_dir() / "usage.sqlite", GatewayMetrics())
-        gateway = Gateway(config, router, meter, upstream,
-                          gateway_main.guards_builder(config))
+        replicas = Upstream(config.limits.connect_timeout_s, config.limits.read_timeout_s)
+        gateway = Gateway(config, router, meter, replicas, gateway_main.guards_builder(config))
         await router.refresh()
         runner, url = await serve(build_app(gateway))
         task = asyncio.create_task(router.run(stop))
@@ -178,6 +179,7 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningGateway
             stop.set()
             await task
             await runner.cleanup()
+            replicas.close()
 
 
 def gateway_config(controller_url: str, state_dir: Path, keys: str, **limits: Any
