@@ -46,14 +46,6 @@ max_completion_tokens = 90
 """
 
 
-@pytest.fixture
-async def controller() -> AsyncIterator[tuple[FakeController, str]]:
-    fake = FakeController()
-    runner, url = await serve(fake.app())
-    yield fake, url
-    await runner.cleanup()
-
-
 async def start_backend(backend: Backend, cleanup: list[web.AppRunner]) -> str:
     runner, url = await serve(backend.app())
     cleanup.append(runner)

@@ -34,14 +34,6 @@ PROMPT = "write me a story"  # 16 characters: 4 prompt tokens at the simulator's
 
 
 @pytest.fixture
-async def controller() -> AsyncIterator[tuple[FakeController, str]]:
-    fake = FakeController()
-    runner, url = await serve(fake.app())
-    yield fake, url
-    await runner.cleanup()
-
-
-@pytest.fixture
 async def replica(tmp_path: Path) -> AsyncIterator[SimReplica]:
     sim = SimReplica(tmp_path, "m")
     try:

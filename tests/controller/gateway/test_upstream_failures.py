@@ -43,14 +43,6 @@ NEVER_MS = 600_000.0
 
 
 @pytest.fixture
-async def controller() -> AsyncIterator[tuple[FakeController, str]]:
-    fake = FakeController()
-    runner, url = await serve(fake.app())
-    yield fake, url
-    await runner.cleanup()
-
-
-@pytest.fixture
 async def sims() -> AsyncIterator[list[SimReplica]]:
     started: list[SimReplica] = []
     yield started
