@@ -20,6 +20,8 @@ OfflineReason = Literal["shutdown", "lost", "stale"]
 # The shortest silence that makes a host stale, whatever interval it claims: the sweep runs
 # four times a second, and an interval of 0 (or 0.05 s) must not flap a host every sweep.
 MIN_STALE_S = 2.0
+# Restart times kept per replica: more than any replica_restarts_max a rule would count.
+RESTARTS_KEPT = 64
 
 
 @dataclass(slots=True)
@@ -32,7 +34,9 @@ class ReplicaState:
     ever_up: bool = False
     # The last value of its restart counter (see _restart_counter).
     last_total: float | None = None
-    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    # The last restart count its agent reported (supervised replicas only; 0 for the others).
+    agent_restarts: int = 0
+    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=RESTARTS_KEPT))
 
 
 @dataclass(slots=True)
@@ -127,15 +131,24 @@ class Fleet:
             if replica is None:
                 known[sample.name] = ReplicaState(sample.name, sample.runtime, sample.up,
                                                   started_at=wall, ever_up=sample.up,
-                                                  last_total=total)
+                                                  last_total=total,
+                                                  agent_restarts=sample.restarts)
                 continue
             came_back = sample.up and not replica.up and replica.ever_up
             # Counters going backwards while it answered: the server restarted in between.
             reset = sample.up and total is not None and replica.last_total is not None \
                 and total < replica.last_total
-            if came_back or reset:
+            # The agent's own count catches restarts between two snapshots that left it up
+            # with counters not yet back where they were (or that no scrape ever saw). It is
+            # read while up only: the agent counts a restart as it schedules it, and the
+            # snapshot that sees it up again is the one that counts it.
+            restarted = 0
+            if sample.up:
+                restarted = max(sample.restarts - replica.agent_restarts, int(came_back or reset))
+                replica.agent_restarts = sample.restarts  # (lower after an agent lost state)
+            if restarted > 0:
                 replica.started_at = wall
-                replica.restarts.append(wall)
+                replica.restarts.extend([wall] * min(restarted, RESTARTS_KEPT))
             replica.up = sample.up
             replica.ever_up = replica.ever_up or sample.up
             if total is not None:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import msgspec
+
 from llm_ops_helper.controller.fleet import Fleet, Transition
+from llm_ops_helper.proto.messages import ReplicaSample
 from llm_ops_helper.proto.sequence import Verdict
 from tests.controller.fixtures import replica, status, telemetry
 
@@ -71,3 +74,26 @@ def test_replica_restarts_are_counted_from_up_again_and_from_counter_resets() ->
     assert list(r.restarts) == [1003.0, 1004.0]
     fleet.apply_telemetry(telemetry(seq=6, ts=1005.0, replicas=[]), 5, 5)
     assert fleet.hosts["h1"].replicas == {}
+
+
+def supervised(restarts: int, up: bool = True, **metrics: float) -> ReplicaSample:
+    return msgspec.structs.replace(replica(up=up, **metrics), restarts=restarts)
+
+
+def test_restarts_the_agent_counted_between_two_snapshots_are_counted_once_each() -> None:
+    fleet = Fleet()
+    fleet.apply_telemetry(telemetry(seq=1, replicas=[supervised(1)]), 0, 0)
+    r = fleet.hosts["h1"].replicas["r0"]
+    assert len(r.restarts) == 0  # restarts before the controller saw it are not new
+    # Up in both snapshots with counters no lower: only the agent's count says it restarted.
+    fleet.apply_telemetry(telemetry(seq=2, ts=1001.0, replicas=[supervised(3)]), 1, 1)
+    assert list(r.restarts) == [1001.0, 1001.0] and r.started_at == 1001.0
+    # Down (the agent counts the restart as it schedules it), then up again: one restart.
+    fleet.apply_telemetry(telemetry(seq=3, ts=1002.0, replicas=[supervised(4, up=False)]), 2, 2)
+    assert len(r.restarts) == 2
+    fleet.apply_telemetry(telemetry(seq=4, ts=1003.0, replicas=[supervised(4)]), 3, 3)
+    assert list(r.restarts) == [1001.0, 1001.0, 1003.0]
+    # An agent that lost its state counts from 0 again: nothing new, and counting resumes.
+    fleet.apply_telemetry(telemetry(seq=5, ts=1004.0, replicas=[supervised(0)]), 4, 4)
+    fleet.apply_telemetry(telemetry(seq=6, ts=1005.0, replicas=[supervised(1)]), 5, 5)
+    assert list(r.restarts) == [1001.0, 1001.0, 1003.0, 1005.0]
