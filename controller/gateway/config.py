@@ -118,7 +118,7 @@ class KeyConfig(Section, kw_only=True, frozen=True):
     # Larger max_tokens are refused with 400; a request without one gets this.
     max_completion_tokens: PositiveInt | None = None
     # A guard profile's name, or an inline table of guard keys; unset: no guards.
-    guards: str | dict[str, Any] | None = None
+    guards: GuardSpec = None
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -129,7 +129,7 @@ class ModelConfig(Section, kw_only=True, frozen=True):
     name: str
     # A guard profile's name, or an inline table of guard keys, for every request to this
     # deployment; a key's own guards apply as well.
-    guards: str | dict[str, Any] | None = None
+    guards: GuardSpec = None
 
 
 class GatewayConfig(Section, kw_only=True, frozen=True):

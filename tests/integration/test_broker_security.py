@@ -232,41 +232,39 @@ async def test_a_real_agent_over_tls_with_its_password_reaches_the_controller(
     assert snapshot.host == "gpu-a" and len(snapshot.gpus) == 8
 
 
+async def agent_log_once_it_retried(tmp_path, broker, login, event: str) -> str:
+    """Run agent gpu-a with ``login`` until it logged ``event`` twice (a failed connect, then
+    a retry); its log."""
+    agent = AgentProcess(tmp_path / "agent", agent_config(broker, host="gpu-a", broker=login))
+    agent.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while agent.log().count(event) < 2:
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        pytest.fail(f"no repeated {event} in the agent's log:\n{agent.log()}")
+    finally:
+        await agent.close()
+    return agent.log()
+
+
 async def test_an_agent_with_the_wrong_ca_logs_the_tls_failure_and_retries(
         secure_broker, tmp_path) -> None:
     other = make_test_pki(tmp_path / "other-pki")
     secret = secret_file(tmp_path / "gpu-a.password", PASSWORDS["gpu-a"])
-    config = agent_config(secure_broker, host="gpu-a",
-                          broker=tls_login(secure_broker, other, "gpu-a", secret))
-    agent = AgentProcess(tmp_path / "agent", config)
-    agent.start()
-    try:
-        async with asyncio.timeout(WAIT_S):
-            while agent.log().count("broker_tls_failed") < 2:
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        pytest.fail(f"no repeated broker_tls_failed in the agent's log:\n{agent.log()}")
-    finally:
-        await agent.close()
-    assert str(other.ca) in agent.log()
-    assert "CERTIFICATE_VERIFY_FAILED" in agent.log()
+    log = await agent_log_once_it_retried(
+        tmp_path, secure_broker, tls_login(secure_broker, other, "gpu-a", secret),
+        "broker_tls_failed")
+    assert str(other.ca) in log
+    assert "CERTIFICATE_VERIFY_FAILED" in log
 
 
 async def test_an_agent_with_a_wrong_password_logs_which_login_to_check_and_retries(
         secure_broker, pki, tmp_path) -> None:
     secret = secret_file(tmp_path / "gpu-a.password", "not-the-password")
-    config = agent_config(secure_broker, host="gpu-a",
-                          broker=tls_login(secure_broker, pki, "gpu-a", secret))
-    agent = AgentProcess(tmp_path / "agent", config)
-    agent.start()
-    try:
-        async with asyncio.timeout(WAIT_S):
-            while agent.log().count("broker_unreachable") < 2:
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        pytest.fail(f"no repeated broker_unreachable in the agent's log:\n{agent.log()}")
-    finally:
-        await agent.close()
-    refused = [line for line in agent.log().splitlines() if "broker_unreachable" in line]
+    log = await agent_log_once_it_retried(
+        tmp_path, secure_broker, tls_login(secure_broker, pki, "gpu-a", secret),
+        "broker_unreachable")
+    refused = [line for line in log.splitlines() if "broker_unreachable" in line]
     assert "the broker refused user 'gpu-a'" in refused[0]
     assert str(secret) in refused[0]

@@ -33,6 +33,15 @@ def sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Key "a" (Bearer sk-a), allowed every model: the key most gateway tests call with.
+KEY_A = f"""
+[[keys]]
+name = "a"
+sha256 = "{sha('sk-a')}"
+models = ["*"]
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,6 +102,16 @@ def chunk(text: str | None, finish: str | None = None, model: str = "m") -> byte
     body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def in_pieces(*pieces: str) -> StreamScript:
+    """A stream script sending each piece as one chunk, then the stop chunk and [DONE]."""
+    async def script(out: web.StreamResponse, body: dict[str, Any]) -> None:
+        for piece in pieces:
+            await out.write(chunk(piece))
+        await out.write(chunk(None, "stop"))
+        await out.write(b"data: [DONE]\n\n")
+    return script
 
 
 @dataclass

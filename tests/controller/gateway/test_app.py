@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.controller.gateway.harness import (
+    KEY_A,
     Backend,
     FakeController,
     SimReplica,
@@ -22,12 +23,7 @@ from tests.controller.gateway.harness import (
     sha,
 )
 
-KEYS = f"""
-[[keys]]
-name = "a"
-sha256 = "{sha('sk-a')}"
-models = ["*"]
-
+KEYS = KEY_A + f"""
 [[keys]]
 name = "only-other"
 sha256 = "{sha('sk-other')}"

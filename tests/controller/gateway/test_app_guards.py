@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import structlog
-from aiohttp import web
 
 from llm_ops_helper.controller.gateway.guards import fingerprint
 from tests.controller.gateway.harness import (
     Backend,
     FakeController,
-    chunk,
     gateway_config,
+    in_pieces,
     running_gateway,
     serve,
     sha,
@@ -37,11 +36,7 @@ sha256 = "{sha('sk-open')}"
 """
 
 
-async def split_email(out: web.StreamResponse, body: dict[str, object]) -> None:
-    for piece in ("Write to alice.sm", "ith@exam", "ple.com today", "."):
-        await out.write(chunk(piece))
-    await out.write(chunk(None, "stop"))
-    await out.write(b"data: [DONE]\n\n")
+split_email = in_pieces("Write to alice.sm", "ith@exam", "ple.com today", ".")
 
 
 @pytest.fixture

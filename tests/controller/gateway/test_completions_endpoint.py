@@ -13,21 +13,16 @@ import pytest
 from aiohttp import web
 
 from tests.controller.gateway.harness import (
+    KEY_A,
     FakeController,
     RunningGateway,
     SimReplica,
     gateway_config,
     running_gateway,
     serve,
-    sha,
 )
 
-KEYS = f"""
-[[keys]]
-name = "a"
-sha256 = "{sha('sk-a')}"
-models = ["*"]
-"""
+KEYS = KEY_A
 # The simulator's words, in order (agent/runtimes/simserver/app.py): max_tokens 4 makes these.
 FOUR_TOKENS = "the quick brown fox"
 PROMPT = "write me a story"  # 16 characters: 4 prompt tokens at the simulator's 4 a token

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from llm_ops_helper.controller.gateway import __main__ as gateway_main
 from llm_ops_helper.controller.gateway.config import EX_CONFIG, ConfigError, load, parse_config
@@ -21,9 +20,9 @@ from tests.controller.gateway.harness import (
     Backend,
     FakeController,
     RunningGateway,
-    chunk,
     config_text,
     gateway_config,
+    in_pieces,
     running_gateway,
     serve,
     sha,
@@ -63,12 +62,8 @@ guards = "key"
 """
 
 
-async def split_answer(out: web.StreamResponse, body: dict[str, object]) -> None:
-    """ANSWER in pieces that cut the e-mail address and the phone number."""
-    for piece in ("mail bob@exa", "mple.org or call +1 41", "5 555 26", "71 now"):
-        await out.write(chunk(piece))
-    await out.write(chunk(None, "stop"))
-    await out.write(b"data: [DONE]\n\n")
+# ANSWER in pieces that cut the e-mail address and the phone number.
+split_answer = in_pieces("mail bob@exa", "mple.org or call +1 41", "5 555 26", "71 now")
 
 
 @dataclass

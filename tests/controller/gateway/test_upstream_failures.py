@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from tests.controller.gateway.harness import (
+    KEY_A,
     FakeController,
     RunningGateway,
     SimReplica,
@@ -29,15 +30,9 @@ from tests.controller.gateway.harness import (
     gateway_config,
     running_gateway,
     serve,
-    sha,
 )
 
-KEYS = f"""
-[[keys]]
-name = "a"
-sha256 = "{sha('sk-a')}"
-models = ["*"]
-"""
+KEYS = KEY_A
 # Long enough that a request is still waiting for its first token when the test acts.
 NEVER_MS = 600_000.0
 
